@@ -1,0 +1,152 @@
+"""Pure tensor functions the layers are made of: norms, RoPE, masks, attention."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import RopeScaling
+
+ACTIVATION_FNS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 like the reference implementations, so bf16 runs match them.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+# --- rotary position embeddings -------------------------------------------------------------------
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """Inverse frequencies (rotary_dim // 2,), with the checkpoint's scaling applied."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    if scaling is None or scaling.kind == "dynamic":
+        return inv_freq.float()
+    if scaling.kind == "linear":
+        return (inv_freq / scaling.factor).float()
+    if scaling.kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling).float()
+    if scaling.kind == "yarn":
+        return _yarn_inv_freq(inv_freq, rotary_dim, theta, scaling).float()
+    raise ValueError(f"unsupported rope scaling {scaling.kind!r}")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    # Llama 3.1: keep high frequencies, divide low ones by factor, interpolate in between.
+    old_len = s.original_max_position_embeddings or 8192
+    low_wavelen, high_wavelen = old_len / s.low_freq_factor, old_len / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
+    old_len = s.original_max_position_embeddings or 4096
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(s.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
+    ramp = (torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)
+    extrapolation = 1 - ramp.clamp(0, 1)
+    return inv_freq / s.factor * (1 - extrapolation) + inv_freq * extrapolation
+
+
+def rope_attention_factor(scaling: RopeScaling | None) -> float:
+    """YaRN scales cos/sin so attention entropy stays put; 1 for every other scheme."""
+    if scaling is None or scaling.kind != "yarn":
+        return 1.0
+    return 0.1 * math.log(scaling.factor) + 1.0
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float = 1.0):
+    """cos/sin tables for (…, T) integer positions → (…, T, rotary_dim)."""
+    angles = positions.to(inv_freq.dtype).unsqueeze(-1) * inv_freq  # (…, T, rd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (…, T, rd): HF's half-split layout
+    return angles.cos() * factor, angles.sin() * factor
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] features of each head; x: (B, H, T, D), cos/sin: (B, T, rd)."""
+    rd = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)  # (B, 1, T, rd)
+    if rd == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, keep = x[..., :rd], x[..., rd:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
+
+
+# --- masks -------------------------------------------------------------------------------------------
+def attention_mask_4d(
+    query_positions: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    num_keys: int,
+    causal: bool,
+    sliding_window: int | None = None,
+) -> torch.Tensor | None:
+    """Boolean mask (B, 1, T, S), True where a query may attend; None when nothing is masked.
+
+    query_positions: (B, T) absolute positions of the queries; keys sit at positions 0..S-1.
+    key_padding: (B, S) with 1 for real tokens and 0 for padding.
+    """
+    mask = None
+    if causal:
+        keys = torch.arange(num_keys, device=query_positions.device)
+        mask = keys.view(1, 1, -1) <= query_positions.unsqueeze(-1)  # (B, T, S)
+        if sliding_window is not None:
+            mask = mask & (keys.view(1, 1, -1) > query_positions.unsqueeze(-1) - sliding_window)
+        mask = mask.unsqueeze(1)
+    if key_padding is not None:
+        pad = key_padding[:, None, None, :].bool()
+        mask = pad if mask is None else mask & pad
+    return mask
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """SDPA over (B, H, T, D) queries and (B, Hkv, S, D) keys/values (grouped-query aware)."""
+    if k.shape[1] != q.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(repeat, dim=1)
+        v = v.repeat_interleave(repeat, dim=1)
+    if mask is not None:
+        # A fully masked row (a padding query) would give NaN; let it see itself-free garbage instead.
+        mask = mask | ~mask.any(-1, keepdim=True)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal and mask is None
+    )
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool):
+    """Explicit softmax(QK^T/sqrt(d)) for interpretability: (B, H, T, S)."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is None and is_causal:
+        T, S = q.shape[-2], k.shape[-2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.float().softmax(-1).to(q.dtype)
