@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jinja2
 import jinja2.ext
@@ -119,12 +120,11 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, reader_or_path: GGUFReader | str | os.PathLike) -> Tokenizer:
         """Rebuild the tokenizer a GGUF file describes in its `tokenizer.*` metadata."""
-        from .io.gguf import open_gguf, gguf_fields  # local: io.gguf imports this module
+        from .io.gguf import gguf_fields, open_gguf  # local: io.gguf imports this module
 
-        reader = open_gguf(reader_or_path) if isinstance(reader_or_path, (str, os.PathLike)) else reader_or_path
-        meta = gguf_fields(reader, prefix="tokenizer.")
-        arch = gguf_fields(reader, prefix="general.architecture").get("general.architecture")
-        return tokenizer_from_gguf_metadata(meta, context_length=_gguf_context_length(reader, arch))
+        is_path = isinstance(reader_or_path, (str, os.PathLike))
+        reader = open_gguf(reader_or_path) if is_path else reader_or_path
+        return tokenizer_from_gguf_metadata(gguf_fields(reader))
 
     # ---------------------------------------------------------------- encode / decode
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -208,13 +208,11 @@ class Tokenizer:
         tools: Sequence[dict[str, Any]] | None = None,
         **template_kwargs: Any,
     ) -> str:
-        """Render `messages` with the chat template, as transformers' `apply_chat_template(tokenize=False)`."""
+        """Render `messages` with the chat template, as transformers' `apply_chat_template(tokenize=False)`
+        does; extra keyword arguments become template variables."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat_template; set Tokenizer.chat_template first")
-        variables = {
-            **{f"{name}_token": token for name, token in vars(self.special).items() if token is not None},
-            **template_kwargs,
-        }
+        variables = {**self.special.as_config(), **template_kwargs}  # bos_token, eos_token, …
         try:
             return compile_chat_template(self.chat_template).render(
                 messages=list(messages), tools=tools, documents=None,
@@ -229,7 +227,8 @@ class Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self._backend.save(str(folder / "tokenizer.json"))
-        (folder / "tokenizer_config.json").write_text(json.dumps(self._config_dict(), indent=2, ensure_ascii=False))
+        config = json.dumps(self._config_dict(), indent=2, ensure_ascii=False)
+        (folder / "tokenizer_config.json").write_text(config, encoding="utf-8")
         return folder
 
     def _config_dict(self) -> dict[str, Any]:
@@ -296,9 +295,9 @@ def clean_up_tokenization(text: str) -> str:
 
 # ==================================================================== chat templates
 class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}…{% endgeneration %}` marks assistant text for transformers' masks; we just render it."""
+    """`{% generation %}…{% endgeneration %}` marks assistant text for transformers' masks: render it."""
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
@@ -313,7 +312,8 @@ def _raise_exception(message: str) -> None:
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
             sort_keys: bool = False) -> str:
     # Jinja's own tojson HTML-escapes; chat templates expect plain JSON.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
 
 
 @lru_cache(maxsize=32)
@@ -388,6 +388,7 @@ def _bos_eos_processor(tokenizer: Tokenizer, add_bos: bool, add_eos: bool) -> pr
 # ==================================================================== GGUF vocabularies
 # llama.cpp token types (tokenizer.ggml.token_type)
 _CONTROL, _USER_DEFINED = 3, 4
+_GGUF_END_OF_TURN_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 # Pre-tokenizer split regexes by `tokenizer.ggml.pre`, copied from llama.cpp's llama-vocab.cpp.
 _LLAMA3_SPLIT = (
@@ -399,8 +400,10 @@ _QWEN2_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _GPT4O_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
@@ -472,7 +475,8 @@ def merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[t
     vocab = {t: i for i, t in enumerate(tokens)}
     candidates = []
     for token, score in zip(tokens, scores):
-        pairs = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
+        splits = ((token[:k], token[k:]) for k in range(1, len(token)))
+        pairs = [(left, right) for left, right in splits if left in vocab and right in vocab]
         pairs.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
         candidates.extend((left, right, score) for left, right in pairs)
     candidates.sort(key=lambda c: (c[2], len(c[0]), len(c[1])), reverse=True)
@@ -504,15 +508,15 @@ def _gguf_special_tokens(meta: dict[str, Any]) -> SpecialTokens:
 
     return SpecialTokens(
         bos=token("bos"), eos=token("eos"), pad=token("padding"), unk=token("unknown"),
-        mask=token("mask"), cls=token("cls"), sep=token("seperator") or token("separator"),
+        mask=token("mask"), sep=token("seperator"),  # sic: llama.cpp's key spelling
     )
 
 
-def tokenizer_from_gguf_metadata(meta: dict[str, Any], context_length: int | None = None) -> Tokenizer:
-    """Build a Tokenizer from already-parsed `tokenizer.*` GGUF metadata (a plain dict)."""
+def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
+    """Build a Tokenizer from a GGUF file's parsed metadata (`tokenizer.*` keys, plain Python values)."""
     model = meta.get("tokenizer.ggml.model")
     if model is None or "tokenizer.ggml.tokens" not in meta:
-        raise ValueError("GGUF metadata has no tokenizer (tokenizer.ggml.model / tokenizer.ggml.tokens missing)")
+        raise ValueError("GGUF metadata has no tokenizer (no tokenizer.ggml.model or tokenizer.ggml.tokens)")
     if model not in GGUF_TOKENIZER_MODELS:
         raise NotImplementedError(
             f"GGUF tokenizer model {model!r} is not supported; supported: {sorted(GGUF_TOKENIZER_MODELS)}"
@@ -526,14 +530,8 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], context_length: int | Non
     template = meta.get("tokenizer.chat_template")
     return Tokenizer(
         backend, _gguf_special_tokens(meta), chat_template=template if isinstance(template, str) else None,
-        model_max_length=context_length, add_bos_eos=(add_bos, add_eos),
+        model_max_length=meta.get(f"{meta.get('general.architecture')}.context_length"),
+        add_bos_eos=(add_bos, add_eos),
+        # llama.cpp also ends generation on the end-of-turn / end-of-message tokens.
+        extra_eos_ids=[meta[k] for k in _GGUF_END_OF_TURN_KEYS if k in meta],
     )
-
-
-def _gguf_context_length(reader: GGUFReader, arch: str | None) -> int | None:
-    from .io.gguf import gguf_fields
-
-    if arch is None:
-        return None
-    value = gguf_fields(reader, prefix=f"{arch}.context_length").get(f"{arch}.context_length")
-    return int(value) if value is not None else None

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from lmsmith.data.records import TextRecord
 
@@ -54,5 +54,8 @@ def clean(records: Iterable[TextRecord]) -> tuple[list[TextRecord], CleaningRepo
 
 
 def _strip(record: TextRecord) -> TextRecord:
+    text = record.text.strip()
     pair = record.text_pair.strip() if record.text_pair is not None else None
-    return dataclasses.replace(record, text=record.text.strip(), text_pair=pair)
+    if text == record.text and pair == record.text_pair:
+        return record  # most records are already clean; skip the (slow) frozen-dataclass copy
+    return dataclasses.replace(record, text=text, text_pair=pair)

@@ -9,8 +9,9 @@ features carry them. Padding is on the right.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -105,7 +106,7 @@ class MLMCollator:
         self.generator = torch.Generator().manual_seed(self.seed)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: TokenizerLike, probability: float = 0.15, seed: int = 0) -> "MLMCollator":
+    def from_tokenizer(cls, tokenizer: TokenizerLike, probability: float = 0.15, seed: int = 0) -> MLMCollator:
         if tokenizer.mask_id is None:
             raise ValueError("masked-LM needs a tokenizer with a mask token (mask_id is None)")
         return cls(tokenizer.pad_id, tokenizer.mask_id, tokenizer.vocab_size,

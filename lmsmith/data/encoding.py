@@ -12,8 +12,9 @@ The tokenizer is anything with `encode(text, add_special_tokens=True) -> list[in
 """
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -65,9 +66,13 @@ def special_wrapping(tokenizer: TokenizerLike, probe: str = "hello") -> SpecialW
 
 
 def special_token_ids(tokenizer: TokenizerLike) -> frozenset[int]:
-    """Ids that masking must never touch: pad/mask/bos/eos/cls/sep plus `all_special_ids` if present."""
+    """Ids that masking must never touch: pad/mask/bos/eos/cls/sep (those the tokenizer names),
+    `all_special_ids` if present, and whatever `encode` wraps around text — a BERT tokenizer may
+    name no bos/eos yet add [CLS] … [SEP]."""
     ids = {getattr(tokenizer, name, None) for name in SPECIAL_ID_NAMES}
     ids.update(getattr(tokenizer, "all_special_ids", None) or ())
+    wrapping = special_wrapping(tokenizer)
+    ids.update(wrapping.prefix + wrapping.suffix)
     return frozenset(i for i in ids if i is not None)
 
 
@@ -220,7 +225,8 @@ def encode_chat(
 ) -> dict:
     """Feature {input_ids, labels} for one conversation: the chat-template text, with labels only on
     assistant contents (plus, with `train_on_turn_end`, the template's end-of-turn text that follows
-    each, e.g. "<|im_end|>", so the model learns to stop). Everything else is -100. Truncated to
+    each, e.g. "<|im_end|>" but not the newline after it, so the model learns to stop). Everything
+    else, system/user turns and template markup, is -100. Truncated to
     max_length from the right.
 
     Spans are found by rendering growing prefixes of the conversation, so the template must render
@@ -255,5 +261,7 @@ def assistant_spans(messages: Sequence[Mapping[str, str]], tokenizer: TokenizerL
         offset = through.find(content, len(before))
         if offset < 0 or not content:
             raise ValueError(f"assistant message {index} content {content!r} not found in the rendered template")
-        spans.append((offset, len(through) if with_turn_end else offset + len(content)))
+        # The turn end is the template text after the content, less trailing whitespace: "<|im_end|>".
+        end = max(len(through.rstrip()), offset + len(content)) if with_turn_end else offset + len(content)
+        spans.append((offset, end))
     return text, spans

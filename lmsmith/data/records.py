@@ -6,9 +6,9 @@ equality, so two identical texts from different lines compare equal (de-duplicat
 """
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Hashable
 
 RECORD_FIELDS = ("text", "label", "text_pair")
 
@@ -57,4 +57,5 @@ class TaggedRecord:
     origin: str = field(default="", compare=False)
 
     def __post_init__(self):
-        assert len(self.tokens) == len(self.tags), "readers build tokens and tags together"
+        if len(self.tokens) != len(self.tags):
+            raise ValueError(f"{len(self.tokens)} tokens but {len(self.tags)} tags in {self.origin or 'record'}")

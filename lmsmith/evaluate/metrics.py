@@ -7,8 +7,9 @@ Results are plain frozen dataclasses. A ratio with a zero denominator is 0.0, as
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any
 
 IGNORE_INDEX = -100
 

@@ -89,10 +89,12 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], source: s
             raise CheckpointError(
                 f"{source}: tensor for {name!r} has shape {tuple(t.shape)}, config expects {tuple(expected[name].shape)}"
             )
-    model.to_empty(device=device)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    # assign=True adopts the loaded tensors instead of copying them: no second copy of the weights.
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False, assign=True)
     model.reset_buffers()
-    return model.to(dtype)
+    still_meta = [n for n, t in model.state_dict().items() if t.is_meta]
+    assert not still_meta, f"parameters left unloaded: {still_meta[:5]}"
+    return model
 
 
 def _is_tied_copy(config: ModelConfig, key: str) -> bool:

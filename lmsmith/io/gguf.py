@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +69,7 @@ CONFIG_KEYS = {
     "attention.layer_norm_rms_epsilon": "rms_norm_eps",
     "rope.freq_base": "rope_theta",
 }
+REQUIRED_CONFIG = ("hidden_size", "num_hidden_layers", "num_attention_heads")
 _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)")
 
 
@@ -92,7 +94,7 @@ class GGUFCheckpoint:
 def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """Read a GGUF checkpoint: config, dequantized HF-named tensors, metadata and tokenizer."""
     reader = open_gguf(path)
-    metadata = gguf_fields(reader)
+    metadata = _guarded(path, lambda: gguf_fields(reader))
     arch_name = metadata.get("general.architecture")
     if arch_name not in ARCHITECTURES:
         raise ValueError(
@@ -101,7 +103,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     arch = ARCHITECTURES[arch_name]
     tensor_names = {t.name for t in reader.tensors}
     config = hf_config_from_metadata(metadata, arch, tensor_names)
-    tensors = _guarded(path, lambda: hf_tensors(reader, arch, config))
+    _check_required(config, arch_name, path)
+    tensors = hf_tensors(reader, arch, config)
     tokenizer = tokenizer_from_gguf_metadata(metadata) if "tokenizer.ggml.tokens" in metadata else None
     return GGUFCheckpoint(Path(path), arch_name, config, tensors, metadata, tokenizer)
 
@@ -146,12 +149,14 @@ def _scalar(part: np.ndarray, kind: GGUFValueType) -> Any:
     return int(part[0])
 
 
-def hf_config_from_metadata(metadata: Mapping[str, Any], arch: GGUFArch, tensor_names: set[str]) -> dict[str, Any]:
+def hf_config_from_metadata(
+    metadata: Mapping[str, Any], arch: GGUFArch, tensor_names: set[str]
+) -> dict[str, Any]:
     """A transformers config.json dict for a GGUF file with this metadata and these tensors."""
     prefix = f"{metadata['general.architecture']}."
     config: dict[str, Any] = {"model_type": arch.model_type, "architectures": [arch.hf_architecture]}
     config.update(arch.config_defaults)
-    config.update({hf_key: metadata[prefix + key] for key, hf_key in CONFIG_KEYS.items() if prefix + key in metadata})
+    config.update({hf: metadata[prefix + key] for key, hf in CONFIG_KEYS.items() if prefix + key in metadata})
     config.setdefault("num_key_value_heads", config.get("num_attention_heads"))
     config["head_dim"] = _head_dim(metadata, prefix, config)
     config["vocab_size"] = _vocab_size(metadata, prefix)
@@ -165,6 +170,13 @@ def hf_config_from_metadata(metadata: Mapping[str, Any], arch: GGUFArch, tensor_
         if token_id is not None:
             config["pad_token_id" if name == "padding" else f"{name}_token_id"] = token_id
     return config
+
+
+def _check_required(config: Mapping[str, Any], arch_name: str, path: str | os.PathLike) -> None:
+    missing = [f"{arch_name}.{key}" for key, hf in CONFIG_KEYS.items()
+               if hf in REQUIRED_CONFIG and hf not in config]
+    if missing:
+        raise ValueError(f"{path}: GGUF metadata lacks {missing}, needed to rebuild the model config")
 
 
 def _head_dim(metadata: Mapping[str, Any], prefix: str, config: dict[str, Any]) -> int | None:
@@ -209,7 +221,8 @@ def hf_tensor_name(gguf_name: str) -> str | None:
 
 def hf_tensors(reader: GGUFReader, arch: GGUFArch, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Every tensor of the file, dequantized to float32, under its HF name."""
-    unknown = [t.name for t in reader.tensors if hf_tensor_name(t.name) is None and t.name not in IGNORED_TENSORS]
+    unknown = [t.name for t in reader.tensors
+               if hf_tensor_name(t.name) is None and t.name not in IGNORED_TENSORS]
     if unknown:
         raise ValueError(f"GGUF tensors with no HF name for {arch.model_type!r}: {unknown[:10]}")
     tensors = {}
@@ -227,7 +240,7 @@ def dequantize_tensor(t: ReaderTensor) -> torch.Tensor:
     except NotImplementedError as err:
         raise ValueError(f"tensor {t.name}: cannot dequantize GGML type {t.tensor_type.name}: {err}") from err
     # The reader's arrays are read-only views of the memory-mapped file: copy before handing to torch.
-    values = np.require(values, dtype=np.float32, requirements=["C", "W"])
+    values = np.require(np.asarray(values), dtype=np.float32, requirements=["C", "W"])
     return torch.from_numpy(values.reshape(_torch_shape(t)))
 
 
@@ -235,7 +248,9 @@ def _torch_shape(t: ReaderTensor) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
 
 
-def _undo_rope_permutation(name: str, tensor: torch.Tensor, arch: GGUFArch, config: Mapping[str, Any]) -> torch.Tensor:
+def _undo_rope_permutation(
+    name: str, tensor: torch.Tensor, arch: GGUFArch, config: Mapping[str, Any]
+) -> torch.Tensor:
     if not arch.rope_permuted:
         return tensor
     if ".attn_q." in name:
@@ -258,12 +273,8 @@ def unpermute_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _guarded(path: str | os.PathLike, action):
-    """Run `action`, reporting the reader's assorted exceptions for a bad file as one ValueError."""
+    """Run `action`; the reader signals a corrupt or truncated file with assorted exception types."""
     try:
         return action()
-    except (ValueError, NotImplementedError) as err:
-        if str(path) in str(err):
-            raise
-        raise ValueError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from err
-    except (IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as err:
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from err

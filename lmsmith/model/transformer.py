@@ -149,6 +149,9 @@ class Transformer(nn.Module):
         if cfg.position == "rope":
             cos, sin = rope_cos_sin(position_ids, self.inv_freq, rope_attention_factor(cfg.rope_scaling))
         num_keys = past + T
+        custom = getattr(cache, "attention_mask_4d", None)
+        if custom is not None:  # a paged cache over ragged sequences supplies its own (B, 1, T, S) mask
+            return AttentionInputs(cos, sin, custom, False, cache, prefix, need_weights)
         simple_causal = cfg.causal and attention_mask is None and cfg.sliding_window is None
         if prefix is None and (simple_causal and (past == 0 or T == 1)):
             mask = None  # SDPA's causal path (prefill) or nothing to mask (one new token)

@@ -23,6 +23,8 @@ def _as_targets(value: object, field_name: str) -> Targets:
     items = tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else None
     if items is None or not all(isinstance(t, str) and t for t in items):
         raise TypeError(f"{field_name} must be a regex string or a list of module names, got {value!r}")
+    if not items:
+        raise ValueError(f"{field_name} must name at least one module")
     return tuple(sorted(items)) if isinstance(value, (set, frozenset)) else items
 
 
@@ -78,6 +80,9 @@ class IA3Config(_Normalise):
 
     def __post_init__(self) -> None:
         self._normalise_targets()
+        if isinstance(self.target_modules, tuple) and not set(self.feedforward_modules) <= set(self.target_modules):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            raise ValueError(f"IA3Config.feedforward_modules must be a subset of target_modules; not targeted: {extra}")
 
 
 @dataclass(frozen=True)
