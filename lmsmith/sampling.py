@@ -89,6 +89,9 @@ def sample(logits: torch.Tensor, s: SamplingSettings, generators: list[torch.Gen
            seen: torch.Tensor | None = None) -> torch.Tensor:
     """Next token per row (B,). Each row draws from its own generator, so a seeded request gives
     the same tokens whether it runs alone or batched with others."""
+    if seen is not None and bool((s.repetition_penalty != 1).any()):
+        logits = apply_repetition_penalty(logits.float(), seen, s.repetition_penalty)  # greedy rows too
+        seen = None
     greedy = logits.argmax(-1)
     if not bool((s.temperature > 0).any()):
         return greedy

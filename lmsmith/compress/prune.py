@@ -8,13 +8,15 @@ has no masks; `restore_masks` rebuilds them from the zeros.)
 Structured helpers (`prune_linear_outputs`, `prune_linear_inputs`, neuron / head importance) work
 on plain Linear pairs and return new, smaller modules.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .quantize import accumulate_linear_inputs, select_linear_layers
 
@@ -91,7 +93,9 @@ def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Whole-model pruning
 # --------------------------------------------------------------------------------------------------
-def input_column_norms(model: nn.Module, names: Sequence[str], calibration: Iterable[Any]) -> dict[str, torch.Tensor]:
+def input_column_norms(
+    model: nn.Module, names: Sequence[str], calibration: Iterable[Any]
+) -> dict[str, torch.Tensor]:
     """``||X_j||_2`` over all calibration tokens, per input column of each named Linear."""
     sums = accumulate_linear_inputs(model, names, calibration, lambda x: (x * x).sum(0))
     return {name: total.sqrt() for name, (total, _) in sums.items()}
@@ -184,7 +188,9 @@ def reapply_masks(model: nn.Module) -> int:
 
 def restore_masks(model: nn.Module, names: Sequence[str] | None = None) -> int:
     """Rebuild masks from the zeros of a loaded pruned model (all Linear layers unless `names`)."""
-    names = names if names is not None else [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    names = (
+        names if names is not None else [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    )
     for name in names:
         linear = model.get_submodule(name)
         apply_mask(linear, linear.weight != 0)
@@ -219,7 +225,9 @@ def _check_indices(keep_idx: torch.Tensor | Sequence[int], size: int, what: str)
     if keep.ndim != 1 or keep.numel() == 0:
         raise ValueError(f"keep_idx must be a non-empty 1-D list of {what} indices")
     if keep.min() < 0 or keep.max() >= size or keep.unique().numel() != keep.numel():
-        raise ValueError(f"keep_idx must hold distinct {what} indices in [0, {size}), got {keep.tolist()[:10]}")
+        raise ValueError(
+            f"keep_idx must hold distinct {what} indices in [0, {size}), got {keep.tolist()[:10]}"
+        )
     return keep
 
 
@@ -262,7 +270,9 @@ def ffn_neuron_importance(
     score = down_weight.detach().float().norm(dim=0)
     if activation_norms is not None:
         if activation_norms.shape != score.shape:
-            raise ValueError(f"activation_norms shape {tuple(activation_norms.shape)} != {tuple(score.shape)}")
+            raise ValueError(
+                f"activation_norms shape {tuple(activation_norms.shape)} != {tuple(score.shape)}"
+            )
         return score * activation_norms.float().to(score.device)
     for weight in in_weights:
         if weight.shape[0] != score.shape[0]:

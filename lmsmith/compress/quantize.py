@@ -11,6 +11,7 @@ and ``offset`` zero for symmetric quantization. For int4 the stored value is ``q
 per byte, the even input column in the low nibble. The float offset (not an integer zero point) is
 what the tinygemm int4 kernels consume; it is saved under the ``zeros`` key.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -18,12 +19,13 @@ import json
 import logging
 import re
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class QuantizationConfig:
         return {**asdict(self), "modules": list(self.modules)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "QuantizationConfig":
+    def from_dict(cls, data: dict[str, Any]) -> QuantizationConfig:
         if data.get("format") != CONFIG_FORMAT:
             raise ValueError(f"quantization config format {data.get('format')!r}; expected {CONFIG_FORMAT!r}")
         config = cls(**{**data, "modules": tuple(data["modules"])})
@@ -168,7 +170,9 @@ def accumulate_linear_inputs(
     return sums
 
 
-def input_hessians(model: nn.Module, names: Sequence[str], calibration: Iterable[Any]) -> dict[str, torch.Tensor]:
+def input_hessians(
+    model: nn.Module, names: Sequence[str], calibration: Iterable[Any]
+) -> dict[str, torch.Tensor]:
     """Mean ``X^T X`` of each named Linear's inputs: the Hessian of its squared output error."""
     sums = accumulate_linear_inputs(model, names, calibration, lambda x: x.T @ x)
     return {name: total / rows for name, (total, rows) in sums.items()}
@@ -373,7 +377,7 @@ class _Kernel:
         return True
 
 
-def _pack_int8_weight_only(module: "Int8WeightOnlyLinear", device: torch.device) -> tuple:
+def _pack_int8_weight_only(module: Int8WeightOnlyLinear, device: torch.device) -> tuple:
     return module.qweight.to(device).contiguous(), module.scales.to(device, torch.bfloat16)
 
 
@@ -383,14 +387,14 @@ def _int8_weight_only_mm(state: tuple, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), qweight, scales)
 
 
-def _scales_and_zeros(module: "Int4WeightOnlyLinear", device: torch.device) -> torch.Tensor:
+def _scales_and_zeros(module: Int4WeightOnlyLinear, device: torch.device) -> torch.Tensor:
     """tinygemm's (groups, out, 2) table; its dequantization is (u - 8) * scale + zero, u = q + 8."""
     zeros = module.zeros if module.zeros is not None else torch.zeros_like(module.scales)
     table = torch.stack([module.scales.float(), zeros.float()], dim=-1)  # (out, groups, 2)
     return table.transpose(0, 1).contiguous().to(device, torch.bfloat16)
 
 
-def _pack_int4_cpu(module: "Int4WeightOnlyLinear", device: torch.device) -> tuple:
+def _pack_int4_cpu(module: Int4WeightOnlyLinear, device: torch.device) -> tuple:
     unsigned = unpack_int4(module.qweight.cpu()).to(torch.int32) + 8  # (out, in) in 0..15
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 8)
     return packed, _scales_and_zeros(module, device), module.group_size
@@ -399,10 +403,12 @@ def _pack_int4_cpu(module: "Int4WeightOnlyLinear", device: torch.device) -> tupl
 def _int4_cpu_mm(state: tuple, x: torch.Tensor) -> torch.Tensor:
     packed, scales_and_zeros, group_size = state
     # bf16 activations: the fp32 variant is ~15x slower than fp32 matmul on AVX2 CPUs
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group_size, scales_and_zeros)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.to(torch.bfloat16), packed, group_size, scales_and_zeros
+    )
 
 
-def _pack_int4_cuda(module: "Int4WeightOnlyLinear", device: torch.device) -> tuple:
+def _pack_int4_cuda(module: Int4WeightOnlyLinear, device: torch.device) -> tuple:
     unsigned = (unpack_int4(module.qweight) + 8).to(torch.uint8)
     high_even = (unsigned[:, 0::2] << 4) | unsigned[:, 1::2]  # CUDA op wants the even column high
     in_features = module.in_features
@@ -418,7 +424,7 @@ def _int4_cuda_mm(state: tuple, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), packed, group_size, scales_and_zeros)
 
 
-def _pack_w8a8_fbgemm(module: "DynamicInt8Linear", device: torch.device) -> Any:
+def _pack_w8a8_fbgemm(module: DynamicInt8Linear, device: torch.device) -> Any:
     zero_points = torch.zeros(module.out_features, dtype=torch.long)
     with warnings.catch_warnings():  # quantized-tensor constructors warn about a future deprecation
         warnings.simplefilter("ignore")
@@ -436,7 +442,7 @@ def _w8a8_fbgemm_mm(packed: Any, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic(x.float() / row_max, packed, True) * row_max
 
 
-def _pack_w8a8_int_mm(module: "DynamicInt8Linear", device: torch.device) -> tuple:
+def _pack_w8a8_int_mm(module: DynamicInt8Linear, device: torch.device) -> tuple:
     return module.qweight.to(device).contiguous(), module.scales.to(device, torch.float32)
 
 
@@ -451,8 +457,12 @@ def _w8a8_int_mm(state: tuple, x: torch.Tensor) -> torch.Tensor:
 
 
 _INT8_WEIGHT_ONLY_KERNELS = (
-    _Kernel("int8pack_mm", "cpu", ("aten._weight_int8pack_mm",), _pack_int8_weight_only, _int8_weight_only_mm),
-    _Kernel("int8pack_mm", "cuda", ("aten._weight_int8pack_mm",), _pack_int8_weight_only, _int8_weight_only_mm),
+    _Kernel(
+        "int8pack_mm", "cpu", ("aten._weight_int8pack_mm",), _pack_int8_weight_only, _int8_weight_only_mm
+    ),
+    _Kernel(
+        "int8pack_mm", "cuda", ("aten._weight_int8pack_mm",), _pack_int8_weight_only, _int8_weight_only_mm
+    ),
 )
 _INT4_KERNELS = (
     _Kernel(
@@ -485,7 +495,7 @@ _W8A8_KERNELS = (
 # --------------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------------
-def _clear_kernel_cache(module: "QuantizedLinear", incompatible_keys: Any) -> None:
+def _clear_kernel_cache(module: QuantizedLinear, incompatible_keys: Any) -> None:
     module._kernel_cache.clear()
 
 
@@ -544,7 +554,11 @@ class QuantizedLinear(nn.Module):
                 state = kernel.pack(self, device)
                 if self._kernel_agrees(kernel, state, device):
                     return kernel, state
-                log.warning("%s kernel %s disagrees with the reference; using the reference", type(self).__name__, kernel.name)
+                log.warning(
+                    "%s kernel %s disagrees with the reference; using the reference",
+                    type(self).__name__,
+                    kernel.name,
+                )
             except RuntimeError as err:  # shape or dtype the op does not support
                 log.debug("%s kernel %s unavailable: %s", type(self).__name__, kernel.name, err)
         return None
@@ -572,7 +586,9 @@ class QuantizedLinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
 
 
 class _Int8StorageLinear(QuantizedLinear):
@@ -628,7 +644,14 @@ class Int4WeightOnlyLinear(QuantizedLinear):
 
     kernels = _INT4_KERNELS
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 64, symmetric: bool = False):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group_size: int = 64,
+        symmetric: bool = False,
+    ):
         super().__init__(in_features, out_features, bias)
         if in_features % group_size:
             raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
@@ -663,7 +686,9 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         return f"{super().extra_repr()}, group_size={self.group_size}, symmetric={self.symmetric}"
 
 
-_MODULE_CLASSES = {cls.__name__: cls for cls in (Int8WeightOnlyLinear, DynamicInt8Linear, Int4WeightOnlyLinear)}
+_MODULE_CLASSES = {
+    cls.__name__: cls for cls in (Int8WeightOnlyLinear, DynamicInt8Linear, Int4WeightOnlyLinear)
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -685,16 +710,22 @@ def _check_group_size(model: nn.Module, names: Sequence[str], group_size: int | 
     for name in names:
         in_features = model.get_submodule(name).in_features
         if in_features % group_size:
-            raise ValueError(f"layer {name!r}: group_size {group_size} does not divide in_features {in_features}")
+            raise ValueError(
+                f"layer {name!r}: group_size {group_size} does not divide in_features {in_features}"
+            )
 
 
-def _quantize_linear(linear: nn.Linear, config: QuantizationConfig, hessian: torch.Tensor | None, gptq_args: dict):
+def _quantize_linear(
+    linear: nn.Linear, config: QuantizationConfig, hessian: torch.Tensor | None, gptq_args: dict
+):
     cls = _MODULE_CLASSES[_METHODS[config.method].module]
     if hessian is None:
         if cls is Int4WeightOnlyLinear:
             return cls.from_linear(linear, config.group_size, config.symmetric)
         return cls.from_linear(linear)
-    result = gptq_quantize(linear.weight, hessian, config.bits, config.group_size, config.symmetric, **gptq_args)
+    result = gptq_quantize(
+        linear.weight, hessian, config.bits, config.group_size, config.symmetric, **gptq_args
+    )
     if cls is Int4WeightOnlyLinear:
         return cls.from_quantized(result.q, result.scales, result.offsets, config.group_size, linear.bias)
     return cls.from_quantized(result.q, result.scales[:, 0], linear.bias)
@@ -725,7 +756,11 @@ def quantize_model(
         raise ValueError("model is already quantized; call dequantize_model first")
     names = select_linear_layers(model, targets, exclude)
     config = QuantizationConfig(
-        method, spec.bits, group_size if spec.grouped else None, _resolve_symmetric(method, spec, symmetric), tuple(names)
+        method,
+        spec.bits,
+        group_size if spec.grouped else None,
+        _resolve_symmetric(method, spec, symmetric),
+        tuple(names),
     )
     _check_group_size(model, names, config.group_size)
     hessians = _gptq_hessians(model, names, calibration) if spec.gptq else {}
@@ -749,7 +784,9 @@ def apply_quantization_config(model: nn.Module, config: QuantizationConfig | dic
     cls = _MODULE_CLASSES[_method_spec(config.method).module]
     missing = [name for name in config.modules if not _is_linear(model, name)]
     if missing:
-        raise ValueError(f"quantization config names layers that are not nn.Linear in this model: {missing[:5]}")
+        raise ValueError(
+            f"quantization config names layers that are not nn.Linear in this model: {missing[:5]}"
+        )
     _check_group_size(model, config.modules, config.group_size)
     for name in config.modules:
         linear = model.get_submodule(name)

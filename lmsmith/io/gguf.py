@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,8 @@ LAYER_TENSOR_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-# Tensors with no HF parameter: llama3 rope frequency factors (HF derives them from config).
+# Tensors with no HF parameter: llama3 rope frequency factors (HF config describes them with
+# rope_scaling parameters that the GGUF metadata does not keep; transformers drops them too).
 IGNORED_TENSORS = frozenset({"rope_freqs.weight"})
 
 # `{arch}.<key>` metadata → config.json key.
@@ -228,6 +230,7 @@ def hf_tensors(reader: GGUFReader, arch: GGUFArch, config: Mapping[str, Any]) ->
     tensors = {}
     for t in reader.tensors:
         if t.name in IGNORED_TENSORS:
+            warnings.warn(f"GGUF tensor {t.name} has no HF equivalent and is skipped", stacklevel=3)
             continue
         tensors[hf_tensor_name(t.name)] = _undo_rope_permutation(t.name, dequantize_tensor(t), arch, config)
     return tensors

@@ -1,18 +1,20 @@
 """PEFT: parity with Hugging Face peft on a toy model, the folder format both ways, merge exactness,
 AdaLoRA rank allocation, adapters, prefixes and the error paths."""
+
 from __future__ import annotations
 
 import copy
 import json
+from itertools import pairwise
 from types import SimpleNamespace
 
+import peft as hf_peft
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-import peft as hf_peft
 from lmsmith.train.peft import (
     AdaLoraConfig,
     BottleneckConfig,
@@ -32,6 +34,7 @@ from lmsmith.train.peft import (
     peft_state_dict,
     prefix_for,
     save_adapter,
+    svd_modules,
     trainable_parameters_report,
     unload_peft,
     unmerge_peft,
@@ -102,7 +105,7 @@ def from_hf(name: str) -> str:
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny tensors: thread start-up and oversubscription cost more than they save (20× on a busy 2-core box)."""
+    """Tiny tensors: extra threads cost more than they save (20× slower on a busy 2-core box)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -134,9 +137,13 @@ def randomize_adapters(model: nn.Module, seed: int = 3) -> None:
 
 # our state-dict key ending → peft's in-memory parameter name ending (peft inserts the adapter name)
 PEFT_PARAM = {
-    "lora_A.weight": "lora_A.default.weight", "lora_B.weight": "lora_B.default.weight",
-    "lora_magnitude_vector": "lora_magnitude_vector.default.weight", "ia3_l": "ia3_l.default",
-    "lora_A": "lora_A.default", "lora_B": "lora_B.default", "lora_E": "lora_E.default",
+    "lora_A.weight": "lora_A.default.weight",
+    "lora_B.weight": "lora_B.default.weight",
+    "lora_magnitude_vector": "lora_magnitude_vector.default.weight",
+    "ia3_l": "ia3_l.default",
+    "lora_A": "lora_A.default",
+    "lora_B": "lora_B.default",
+    "lora_E": "lora_E.default",
 }
 
 
@@ -157,14 +164,28 @@ def copy_adapters_into_peft(ours: nn.Module, peft_model: nn.Module) -> None:
 def hf_config(config):
     """The equivalent peft config object."""
     if isinstance(config, LoraConfig):
-        return hf_peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
-                                  use_dora=config.use_dora, use_rslora=config.use_rslora)
+        return hf_peft.LoraConfig(
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            target_modules=list(config.target_modules),
+            use_dora=config.use_dora,
+            use_rslora=config.use_rslora,
+            lora_dropout=config.lora_dropout,
+        )
     if isinstance(config, IA3Config):
-        return hf_peft.IA3Config(target_modules=list(config.target_modules),
-                                 feedforward_modules=list(config.feedforward_modules))
-    return hf_peft.AdaLoraConfig(init_r=config.init_r, target_r=config.target_r, lora_alpha=config.lora_alpha,
-                                 target_modules=list(config.target_modules), total_step=config.total_step,
-                                 tinit=config.tinit, tfinal=config.tfinal, deltaT=config.deltaT)
+        return hf_peft.IA3Config(
+            target_modules=list(config.target_modules), feedforward_modules=list(config.feedforward_modules)
+        )
+    return hf_peft.AdaLoraConfig(
+        init_r=config.init_r,
+        target_r=config.target_r,
+        lora_alpha=config.lora_alpha,
+        target_modules=list(config.target_modules),
+        total_step=config.total_step,
+        tinit=config.tinit,
+        tfinal=config.tfinal,
+        deltaT=config.deltaT,
+    )
 
 
 LORA = LoraConfig(target_modules=["q_proj", "v_proj", "up_proj"], r=4, lora_alpha=8)
@@ -172,7 +193,9 @@ DORA = LoraConfig(target_modules=["q_proj", "k_proj", "down_proj"], r=4, lora_al
 RSDORA = LoraConfig(target_modules=["q_proj", "o_proj"], r=4, lora_alpha=6, use_dora=True, use_rslora=True)
 RSLORA = LoraConfig(target_modules=["v_proj", "up_proj"], r=4, lora_alpha=6, use_rslora=True)
 IA3 = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
-ADALORA = AdaLoraConfig(target_modules=["q_proj", "v_proj"], init_r=4, target_r=2, total_step=10, tinit=2, tfinal=3)
+ADALORA = AdaLoraConfig(
+    target_modules=["q_proj", "v_proj"], init_r=4, target_r=2, total_step=10, tinit=2, tfinal=3
+)
 PARITY_CONFIGS = [LORA, DORA, RSDORA, RSLORA, IA3, ADALORA]
 PARITY_IDS = ["lora", "dora", "rsdora", "rslora", "ia3", "adalora"]
 
@@ -199,6 +222,21 @@ def test_forward_and_gradients_match_peft(toy, x, config):
     for name, p in ours.named_parameters():
         if p.requires_grad:  # DoRA: the detached norm shows up here
             assert torch.allclose(p.grad, grads[peft_param_name(name)].grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_training_forward_with_dropout_matches_peft(toy, x, use_dora):
+    """Same dropout masks (same seed, one draw per module) → same training-mode outputs."""
+    config = LoraConfig(target_modules=["q_proj", "down_proj"], r=4, lora_dropout=0.3, use_dora=use_dora)
+    theirs = peft_twin(toy, config).train()
+    ours = apply_peft(copy.deepcopy(toy), config).train()
+    randomize_adapters(ours)
+    copy_adapters_into_peft(ours, theirs)
+    torch.manual_seed(11)
+    out = ours(x)
+    torch.manual_seed(11)
+    assert (out - theirs(x)).abs().max() < 1e-5
+    assert (out - ours.eval()(x)).abs().max() > 1e-3  # dropout was active
 
 
 @pytest.mark.parametrize("config", PARITY_CONFIGS, ids=PARITY_IDS)
@@ -250,6 +288,27 @@ def test_adalora_rank_allocation_matches_peft(toy):
     assert kept == ADALORA.target_r * 4 and sum(active_ranks(ours).values()) <= kept  # 2 targets × 2 layers
 
 
+def test_adalora_reduced_rank_round_trips_with_peft(toy, x, tmp_path):
+    """peft saves a trained AdaLoRA at its allocated ranks (rank_pattern); both sides keep the scale."""
+    theirs = hf_peft.get_peft_model(HFToy(copy.deepcopy(toy)), hf_config(ADALORA)).train()
+    trained = [p for p in theirs.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in trained:
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    for step in range(ADALORA.total_step):
+        for p in trained:
+            p.grad = torch.randn(p.shape, generator=g)
+        theirs.base_model.update_and_allocate(step)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    ours = load_adapter(copy.deepcopy(toy), tmp_path / "peft", name_map_inverse=from_hf)
+    assert sum(m.r for m in svd_modules(ours).values()) == ADALORA.target_r * 4  # stored at reduced rank
+    assert (ours(x) - theirs(x)).abs().max() < 1e-5
+    save_adapter(ours, tmp_path / "ours", name_map=to_hf)
+    again = hf_peft.PeftModel.from_pretrained(HFToy(copy.deepcopy(toy)), tmp_path / "ours").eval()
+    assert (again(x) - theirs(x)).abs().max() < 1e-5
+
+
 def test_adalora_orthogonality_loss_matches_peft(toy, x):
     class WithLoss(nn.Module):
         def __init__(self, inner):
@@ -276,7 +335,9 @@ def test_adalora_orthogonality_loss_matches_peft(toy, x):
 ALL_CONFIGS = [
     *PARITY_CONFIGS,
     BottleneckConfig(target_modules=["o_proj", "mlp"], bottleneck_size=4, hidden_size=D),
-    BottleneckConfig(target_modules=["attn"], bottleneck_size=4, activation="relu", hidden_size=D),  # tuple output
+    BottleneckConfig(
+        target_modules=["attn"], bottleneck_size=4, activation="relu", hidden_size=D
+    ),  # tuple output
     LoraConfig(target_modules=r"layers\.1\.attn\.(q|v)_proj", r=2, modules_to_save=["score"]),
 ]
 ALL_IDS = [*PARITY_IDS, "bottleneck", "bottleneck-tuple", "regex+save"]
@@ -357,10 +418,15 @@ def test_adapters_disabled_runs_the_base_model(toy, x):
     with adapters_disabled(model):
         assert (model(x) - toy(x)).abs().max() < 1e-6
     assert torch.equal(model(x), adapted)
+    merged = merge_peft(apply_peft(copy.deepcopy(toy), LORA))
+    with pytest.raises(ValueError, match="unmerge_peft"), adapters_disabled(merged):
+        pass
 
 
 def test_bottleneck_round_trip_and_cannot_merge(toy, x, tmp_path):
-    config = BottleneckConfig(target_modules=["attn", "mlp"], bottleneck_size=3, activation="silu", hidden_size=D)
+    config = BottleneckConfig(
+        target_modules=["attn", "mlp"], bottleneck_size=3, activation="silu", hidden_size=D
+    )
     model = apply_peft(copy.deepcopy(toy), config)
     randomize_adapters(model)
     assert "layers.0.attn.adapter.down.weight" in peft_state_dict(model)
@@ -381,12 +447,13 @@ def test_budget_schedule_is_cubic_between_tinit_and_final():
     config = AdaLoraConfig(target_modules=["q"], init_r=8, target_r=2, total_step=20, tinit=4, tfinal=6)
     budgets = [budget_schedule(s, 80, 20, config)[0] for s in range(20)]
     assert budgets[:5] == [80] * 5 and budgets[14:] == [20] * 6
-    assert all(a >= b for a, b in zip(budgets, budgets[1:])) and 20 < budgets[8] < 80
+    assert all(a >= b for a, b in pairwise(budgets)) and 20 < budgets[8] < 80
 
 
 def test_adalora_callback_reduces_active_rank_in_a_training_loop(toy, x):
-    config = AdaLoraConfig(target_modules=["q_proj", "v_proj", "up_proj"], init_r=6, target_r=2,
-                           total_step=12, tinit=2, tfinal=4)
+    config = AdaLoraConfig(
+        target_modules=["q_proj", "v_proj", "up_proj"], init_r=6, target_r=2, total_step=12, tinit=2, tfinal=4
+    )
     model = apply_peft(copy.deepcopy(toy), config).train()
     with torch.no_grad():  # non-zero singular values so the masking is visible
         for name, p in peft_state_dict(model).items():
@@ -405,19 +472,23 @@ def test_adalora_callback_reduces_active_rank_in_a_training_loop(toy, x):
         optimizer.zero_grad()
         totals.append(sum(active_ranks(model).values()))
     assert totals[0] == 6 * 6 and totals[-1] == 2 * 6  # 3 targets × 2 layers
-    assert all(a >= b for a, b in zip(totals[config.tinit:], totals[config.tinit + 1:]))
+    assert all(a >= b for a, b in pairwise(totals[config.tinit :]))
 
 
 # --- prefix tuning ------------------------------------------------------------------------------------------
 
 
 def test_prefix_encoder_layout():
-    encoder = PrefixEncoder(num_layers=3, num_virtual_tokens=4, num_kv_heads=2, head_dim=5, encoder_hidden_size=7)
+    encoder = PrefixEncoder(
+        num_layers=3, num_virtual_tokens=4, num_kv_heads=2, head_dim=5, encoder_hidden_size=7
+    )
     kv = encoder()
     assert kv.shape == (3, 2, 4, 2, 5)
     pairs = encoder.key_values(batch_size=2)
     assert len(pairs) == 3 and pairs[1][0].shape == (2, 2, 4, 5)
-    assert torch.equal(pairs[1][0][1, :, 2], kv[1, 0, 2]) and torch.equal(pairs[2][1][0, 1, 3], kv[2, 1, 3, 1])
+    assert torch.equal(pairs[1][0][1, :, 2], kv[1, 0, 2]) and torch.equal(
+        pairs[2][1][0, 1, 3], kv[2, 1, 3, 1]
+    )
 
 
 def test_prefix_tuning_on_the_lmsmith_transformer(tmp_path):
@@ -452,17 +523,20 @@ def test_target_matching_nothing_lists_available_names(toy):
         apply_peft(toy, LoraConfig(target_modules=["query"]))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: LoraConfig(target_modules=["q_proj"], r=0),
-    lambda: LoraConfig(target_modules=["q_proj"], r=-2),
-    lambda: AdaLoraConfig(target_modules=["q_proj"], total_step=10, init_r=0),
-    lambda: AdaLoraConfig(target_modules=["q_proj"], total_step=10, init_r=2, target_r=4),
-    lambda: AdaLoraConfig(target_modules=["q_proj"], total_step=10, tinit=6, tfinal=4),
-    lambda: IA3Config(target_modules=["q_proj"], feedforward_modules=["down_proj"]),
-    lambda: BottleneckConfig(target_modules=["mlp"], activation="swish"),
-    lambda: LoraConfig(target_modules=[]),
-    lambda: LoraConfig(target_modules=["q_proj"], lora_dropout=1.0),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LoraConfig(target_modules=["q_proj"], r=0),
+        lambda: LoraConfig(target_modules=["q_proj"], r=-2),
+        lambda: AdaLoraConfig(target_modules=["q_proj"], total_step=10, init_r=0),
+        lambda: AdaLoraConfig(target_modules=["q_proj"], total_step=10, init_r=2, target_r=4),
+        lambda: AdaLoraConfig(target_modules=["q_proj"], total_step=10, tinit=6, tfinal=4),
+        lambda: IA3Config(target_modules=["q_proj"], feedforward_modules=["down_proj"]),
+        lambda: BottleneckConfig(target_modules=["mlp"], activation="swish"),
+        lambda: LoraConfig(target_modules=[]),
+        lambda: LoraConfig(target_modules=["q_proj"], lora_dropout=1.0),
+    ],
+)
 def test_bad_configs_are_rejected(make):
     with pytest.raises(ValueError):
         make()

@@ -9,7 +9,16 @@ Adapters wrap modules *by name* on any nn.Module and keep the base state-dict ke
     save_adapter(model, "out/adapter", name_map=family_name_map)   # peft's folder format
     merge_peft(model)                          # or unload_peft(model) for plain nn.Linear layers
 """
-from .adalora import AdaLoraCallback, RankAllocator, SVDLinear, active_ranks, budget_schedule, orthogonal_regularization
+
+from .adalora import (
+    AdaLoraCallback,
+    RankAllocator,
+    SVDLinear,
+    active_ranks,
+    budget_schedule,
+    orthogonal_regularization,
+    svd_modules,
+)
 from .base import AdaptedLinear, AdapterModule
 from .bottleneck import BottleneckAdapter
 from .callbacks import TrainingCallback
@@ -33,10 +42,41 @@ from .prefix import PrefixEncoder, prefix_for
 from .targets import find_targets, name_matches
 
 __all__ = [
-    "AdaLoraCallback", "AdaLoraConfig", "AdaptedLinear", "AdapterModule", "BottleneckAdapter", "BottleneckConfig",
-    "IA3Config", "IA3Linear", "LoRALinear", "LoraConfig", "ParameterReport", "PeftConfig", "PrefixConfig",
-    "PrefixEncoder", "RankAllocator", "SVDLinear", "TrainingCallback", "active_ranks", "adapters_disabled",
-    "apply_peft", "budget_schedule", "dora_weight_norm", "find_targets", "load_adapter", "lora_scaling",
-    "merge_peft", "name_matches", "orthogonal_regularization", "peft_callbacks", "peft_named_parameters",
-    "peft_state_dict", "prefix_for", "save_adapter", "trainable_parameters_report", "unload_peft", "unmerge_peft",
+    "AdaLoraCallback",
+    "AdaLoraConfig",
+    "AdaptedLinear",
+    "AdapterModule",
+    "BottleneckAdapter",
+    "BottleneckConfig",
+    "IA3Config",
+    "IA3Linear",
+    "LoRALinear",
+    "LoraConfig",
+    "ParameterReport",
+    "PeftConfig",
+    "PrefixConfig",
+    "PrefixEncoder",
+    "RankAllocator",
+    "SVDLinear",
+    "TrainingCallback",
+    "active_ranks",
+    "adapters_disabled",
+    "apply_peft",
+    "budget_schedule",
+    "dora_weight_norm",
+    "find_targets",
+    "load_adapter",
+    "lora_scaling",
+    "merge_peft",
+    "name_matches",
+    "orthogonal_regularization",
+    "peft_callbacks",
+    "peft_named_parameters",
+    "peft_state_dict",
+    "prefix_for",
+    "save_adapter",
+    "svd_modules",
+    "trainable_parameters_report",
+    "unload_peft",
+    "unmerge_peft",
 ]

@@ -6,12 +6,13 @@ While training, `RankAllocator` scores every singular triplet by sensitivity × 
 schedule. The orthogonality regulariser keeps P and Q close to orthonormal so Λ behaves like singular
 values. Tensor names, initialisation and arithmetic follow peft, so adapters convert both ways.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .base import AdaptedLinear, adapter_factory_kwargs
 from .config import AdaLoraConfig
@@ -26,7 +27,9 @@ class SVDLinear(AdaptedLinear):
     masked, or when a trained adapter is loaded at a smaller rank, so the scale does not jump.
     """
 
-    def __init__(self, base: nn.Linear, config: AdaLoraConfig, r: int | None = None, ranknum: int | None = None):
+    def __init__(
+        self, base: nn.Linear, config: AdaLoraConfig, r: int | None = None, ranknum: int | None = None
+    ):
         super().__init__(base)
         self.config = config
         self.r = config.init_r if r is None else r
@@ -170,7 +173,9 @@ class RankAllocator:
     def apply_rank_pattern(self, pattern: Mapping[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name, keep in pattern.items():
-                self.modules[name].lora_E.masked_fill_(~keep.view(-1, 1).to(self.modules[name].lora_E.device), 0.0)
+                self.modules[name].lora_E.masked_fill_(
+                    ~keep.view(-1, 1).to(self.modules[name].lora_E.device), 0.0
+                )
 
     def update_and_allocate(self, step: int) -> int:
         """Run once per optimizer step, after `optimizer.step()` and before `zero_grad()` (the
@@ -201,10 +206,14 @@ class AdaLoraCallback:
     def __init__(self, model: nn.Module, config: AdaLoraConfig | None = None):
         modules = svd_modules(model)
         if not modules:
-            raise ValueError("AdaLoraCallback: the model has no AdaLoRA modules; apply_peft(AdaLoraConfig) first")
+            raise ValueError(
+                "AdaLoraCallback: the model has no AdaLoRA modules; apply_peft(AdaLoraConfig) first"
+            )
         configs = {m.config for m in modules.values()}
         if config is None and len(configs) != 1:
-            raise ValueError(f"AdaLoRA modules carry {len(configs)} different configs; pass `config` explicitly")
+            raise ValueError(
+                f"AdaLoRA modules carry {len(configs)} different configs; pass `config` explicitly"
+            )
         self.config = config if config is not None else configs.pop()
         self.allocator = RankAllocator(modules, self.config)
 

@@ -4,13 +4,14 @@ Linear adapters replace an `nn.Linear` by a module that owns the *same* `weight`
 (as torchtune's LoRALinear does), so the state-dict keys `<name>.weight` / `<name>.bias` stay as they
 were and adapter tensors are extra keys next to them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class AdapterModule(nn.Module):

@@ -4,10 +4,11 @@ The adapter becomes a child named `adapter` of the target module and a forward h
 target's output, so the target can be any module (a projection, a whole attention or MLP block; for a
 tuple output the first element is adapted) and its own state-dict keys do not change.
 """
+
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .base import AdapterModule
 from .config import BottleneckConfig
@@ -60,7 +61,7 @@ def detach_bottleneck(module: nn.Module) -> None:
 
 
 def bottleneck_features(module: nn.Module, model: nn.Module, config: BottleneckConfig) -> int:
-    """The width of the target's output: explicit, a linear layer's out_features, or the model's hidden size."""
+    """Width of the target's output: explicit, a linear layer's out_features, or the model's hidden size."""
     if config.hidden_size is not None:
         return config.hidden_size
     if isinstance(getattr(module, "out_features", None), int):

@@ -1,10 +1,11 @@
 """The small interface through which a PEFT method takes part in the training loop."""
+
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 @runtime_checkable

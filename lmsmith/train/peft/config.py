@@ -5,12 +5,13 @@ name; a list/tuple holds names or name suffixes (`"q_proj"` matches `layers.0.at
 `"all-linear"` means every `nn.Linear` except an `lm_head`. `modules_to_save` names (suffixes) of
 modules that are trained in full next to the adapters, e.g. a classification head.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar, Literal, Union
+from typing import ClassVar, Literal
 
-Targets = Union[str, tuple[str, ...]]
+Targets = str | tuple[str, ...]
 ACTIVATIONS: tuple[str, ...] = ("relu", "gelu", "silu", "tanh")
 
 
@@ -80,9 +81,13 @@ class IA3Config(_Normalise):
 
     def __post_init__(self) -> None:
         self._normalise_targets()
-        if isinstance(self.target_modules, tuple) and not set(self.feedforward_modules) <= set(self.target_modules):
+        if isinstance(self.target_modules, tuple) and not set(self.feedforward_modules) <= set(
+            self.target_modules
+        ):
             extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
-            raise ValueError(f"IA3Config.feedforward_modules must be a subset of target_modules; not targeted: {extra}")
+            raise ValueError(
+                f"IA3Config.feedforward_modules must be a subset of target_modules; not targeted: {extra}"
+            )
 
 
 @dataclass(frozen=True)
@@ -180,4 +185,4 @@ class AdaLoraConfig(_Normalise):
             raise ValueError(f"AdaLoraConfig.orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
 
 
-PeftConfig = Union[LoraConfig, IA3Config, BottleneckConfig, PrefixConfig, AdaLoraConfig]
+PeftConfig = LoraConfig | IA3Config | BottleneckConfig | PrefixConfig | AdaLoraConfig

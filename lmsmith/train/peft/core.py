@@ -1,4 +1,5 @@
 """Inject, freeze, merge, report: the method-independent part of PEFT."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .adalora import AdaLoraCallback, SVDLinear, svd_modules
 from .base import AdaptedLinear, AdapterModule
@@ -58,13 +59,18 @@ def wrap_linear(base: nn.Linear, config: LoraConfig | IA3Config | AdaLoraConfig,
 
 
 def _attach_bottlenecks(model: nn.Module, config: BottleneckConfig) -> None:
-    accepts_any = lambda m: not isinstance(m, AdapterModule)  # noqa: E731
-    for name in find_targets(model, config.target_modules, config.modules_to_save, accepts_any, "any"):
+    for name in find_targets(model, config.target_modules, config.modules_to_save, _any_module, "any"):
         module = model.get_submodule(name)
         ref = next(module.parameters(), None)
-        device, dtype = (ref.device, ref.dtype) if ref is not None and ref.is_floating_point() else (None, None)
+        device, dtype = (
+            (ref.device, ref.dtype) if ref is not None and ref.is_floating_point() else (None, None)
+        )
         features = bottleneck_features(module, model, config)
         attach_bottleneck(module, BottleneckAdapter(features, config, device=device, dtype=dtype))
+
+
+def _any_module(module: nn.Module) -> bool:
+    return not isinstance(module, AdapterModule)
 
 
 def _attach_prefix(model: nn.Module, config: PrefixConfig) -> None:
@@ -195,8 +201,10 @@ class ParameterReport:
         return self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-                f"trainable%: {100 * self.trainable_fraction:.4f}")
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {100 * self.trainable_fraction:.4f}"
+        )
 
 
 def trainable_parameters_report(model: nn.Module) -> ParameterReport:
@@ -214,4 +222,3 @@ def peft_callbacks(model: nn.Module) -> list[TrainingCallback]:
     """The callbacks the training loop must run for the adapters in `model` (AdaLoRA needs one).
     Build them once per training run: they keep state (importance EMAs) across steps."""
     return [AdaLoraCallback(model)] if svd_modules(model) else []
-

@@ -13,6 +13,7 @@ Formats written and read:
 `name_map` turns our module names into the checkpoint's (per model family; identity by default) and
 `name_map_inverse` does the reverse. `modules_to_save` tensors are stored in full, as peft stores them.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,8 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .adalora import SVDLinear
 from .base import AdaptedLinear, AdapterModule
@@ -45,11 +46,18 @@ ADAPTER_TENSORS = {
     "LORA": ("lora_magnitude_vector.weight", "lora_magnitude_vector", "lora_A.weight", "lora_B.weight"),
     "IA3": ("ia3_l",),
     "ADALORA": ("lora_A", "lora_B", "lora_E"),
-    "LMSMITH_BOTTLENECK": tuple(f"{ADAPTER_CHILD}.{p}.{t}" for p in ("down", "up") for t in ("weight", "bias")),
+    "LMSMITH_BOTTLENECK": tuple(
+        f"{ADAPTER_CHILD}.{p}.{t}" for p in ("down", "up") for t in ("weight", "bias")
+    ),
     "LMSMITH_PREFIX_TUNING": (),
 }
-_KIND_OF = {LoRALinear: "LORA", IA3Linear: "IA3", SVDLinear: "ADALORA",
-            BottleneckAdapter: "LMSMITH_BOTTLENECK", PrefixEncoder: "LMSMITH_PREFIX_TUNING"}
+_KIND_OF = {
+    LoRALinear: "LORA",
+    IA3Linear: "IA3",
+    SVDLinear: "ADALORA",
+    BottleneckAdapter: "LMSMITH_BOTTLENECK",
+    PrefixEncoder: "LMSMITH_PREFIX_TUNING",
+}
 
 
 def _identity(name: str) -> str:
@@ -70,9 +78,14 @@ def save_adapter(
     kind, modules = _adapter_kind(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": kind, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-              "revision": None, "inference_mode": True,
-              "modules_to_save": _modules_to_save_names(model, name_map) or None}
+    config = {
+        "peft_type": kind,
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "modules_to_save": _modules_to_save_names(model, name_map) or None,
+    }
     config.update(_CONFIG_WRITERS[kind](modules, name_map))
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in _tensors_to_save(model, name_map).items()}
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -121,7 +134,9 @@ def _most_common(values: Iterable):
 def _uniform(modules: Iterable[AdaptedLinear], attribute: str):
     values = {getattr(m.config, attribute) for m in modules}
     if len(values) != 1:
-        raise ValueError(f"cannot save adapters with different {attribute} values in one folder: {sorted(values)}")
+        raise ValueError(
+            f"cannot save adapters with different {attribute} values in one folder: {sorted(values)}"
+        )
     return values.pop()
 
 
@@ -129,10 +144,18 @@ def _lora_config(modules: dict[str, LoRALinear], name_map: NameMap) -> dict:
     hf = {name_map(n): m for n, m in modules.items()}
     r, alpha = _most_common(m.r for m in hf.values()), _most_common(m.lora_alpha for m in hf.values())
     return {
-        "r": r, "lora_alpha": alpha, "lora_dropout": _uniform(hf.values(), "lora_dropout"),
-        "use_rslora": _uniform(hf.values(), "use_rslora"), "use_dora": _uniform(hf.values(), "use_dora"),
-        "target_modules": sorted(hf), "bias": "none", "lora_bias": False, "fan_in_fan_out": False,
-        "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": _uniform(hf.values(), "lora_dropout"),
+        "use_rslora": _uniform(hf.values(), "use_rslora"),
+        "use_dora": _uniform(hf.values(), "use_dora"),
+        "target_modules": sorted(hf),
+        "bias": "none",
+        "lora_bias": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
         "rank_pattern": {n: m.r for n, m in hf.items() if m.r != r},
         "alpha_pattern": {n: m.lora_alpha for n, m in hf.items() if m.lora_alpha != alpha},
     }
@@ -140,8 +163,12 @@ def _lora_config(modules: dict[str, LoRALinear], name_map: NameMap) -> dict:
 
 def _ia3_config(modules: dict[str, IA3Linear], name_map: NameMap) -> dict:
     hf = {name_map(n): m for n, m in modules.items()}
-    return {"target_modules": sorted(hf), "feedforward_modules": sorted(n for n, m in hf.items() if m.is_feedforward),
-            "fan_in_fan_out": False, "init_ia3_weights": True}
+    return {
+        "target_modules": sorted(hf),
+        "feedforward_modules": sorted(n for n, m in hf.items() if m.is_feedforward),
+        "fan_in_fan_out": False,
+        "init_ia3_weights": True,
+    }
 
 
 def _adalora_config(modules: dict[str, SVDLinear], name_map: NameMap) -> dict:
@@ -150,30 +177,52 @@ def _adalora_config(modules: dict[str, SVDLinear], name_map: NameMap) -> dict:
     init_r = int(_most_common(m.ranknum for m in hf.values()))
     schedule = ("target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
     return {
-        "init_r": init_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-        **{k: getattr(config, k) for k in schedule}, "target_modules": sorted(hf),
+        "init_r": init_r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        **{k: getattr(config, k) for k in schedule},
+        "target_modules": sorted(hf),
         # modules saved at a reduced rank: peft's rank_pattern (kept singular values) sizes them on load
-        "rank_pattern": {f"{n}.lora_E": [i < m.r for i in range(init_r)] for n, m in hf.items() if m.r != init_r}
+        "rank_pattern": {
+            f"{n}.lora_E": [i < m.r for i in range(init_r)] for n, m in hf.items() if m.r != init_r
+        }
         or None,
-        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False, "use_rslora": False,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "use_rslora": False,
     }
 
 
 def _bottleneck_config(modules: dict[str, BottleneckAdapter], name_map: NameMap) -> dict:
     config = next(iter(modules.values())).config
-    settings = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("target_modules", "modules_to_save")}
+    settings = {
+        f.name: getattr(config, f.name)
+        for f in fields(config)
+        if f.name not in ("target_modules", "modules_to_save")
+    }
     return {**settings, "target_modules": sorted(name_map(_owner(n, m)) for n, m in modules.items())}
 
 
 def _prefix_config(modules: dict[str, PrefixEncoder], name_map: NameMap) -> dict:
     encoder = next(iter(modules.values()))
-    return {"num_virtual_tokens": encoder.num_virtual_tokens, "num_layers": encoder.num_layers,
-            "num_kv_heads": encoder.num_kv_heads, "head_dim": encoder.head_dim,
-            "encoder_hidden_size": encoder.config.encoder_hidden_size}
+    return {
+        "num_virtual_tokens": encoder.num_virtual_tokens,
+        "num_layers": encoder.num_layers,
+        "num_kv_heads": encoder.num_kv_heads,
+        "head_dim": encoder.head_dim,
+        "encoder_hidden_size": encoder.config.encoder_hidden_size,
+    }
 
 
-_CONFIG_WRITERS = {"LORA": _lora_config, "IA3": _ia3_config, "ADALORA": _adalora_config,
-                   "LMSMITH_BOTTLENECK": _bottleneck_config, "LMSMITH_PREFIX_TUNING": _prefix_config}
+_CONFIG_WRITERS = {
+    "LORA": _lora_config,
+    "IA3": _ia3_config,
+    "ADALORA": _adalora_config,
+    "LMSMITH_BOTTLENECK": _bottleneck_config,
+    "LMSMITH_PREFIX_TUNING": _prefix_config,
+}
 
 
 # --- load ---------------------------------------------------------------------------------------------
@@ -182,8 +231,8 @@ _CONFIG_WRITERS = {"LORA": _lora_config, "IA3": _ia3_config, "ADALORA": _adalora
 def load_adapter(model: nn.Module, folder: str | Path, name_map_inverse: NameMap = _identity) -> nn.Module:
     """Add the adapter saved in `folder` (by peft or by `save_adapter`) to `model`, in place.
 
-    Modules already carrying an adapter of the same type are loaded into; others are wrapped first. The
-    loaded adapter tensors (and modules_to_save) are left trainable. Raises FileNotFoundError for a
+    An adapter of the same type already on a module is replaced. The loaded adapter tensors (and
+    modules_to_save) are left trainable. Raises FileNotFoundError for a
     missing file and ValueError for an unsupported peft_type, an unknown module or a tensor whose shape
     does not fit.
     """
@@ -203,7 +252,9 @@ def load_adapter(model: nn.Module, folder: str | Path, name_map_inverse: NameMap
 def _read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found (an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+            raise FileNotFoundError(
+                f"{folder / name} not found (an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE})"
+            )
     return json.loads((folder / CONFIG_FILE).read_text()), load_file(str(folder / WEIGHTS_FILE))
 
 
@@ -214,11 +265,11 @@ def _group_tensors(tensors: dict[str, torch.Tensor], adapter_names: tuple[str, .
     to_save = tuple(config.get("modules_to_save") or ())
     for key, tensor in tensors.items():
         if key.startswith(PREFIX_ATTRIBUTE + "."):
-            grouped.setdefault(PREFIX_ATTRIBUTE, {})[key[len(PREFIX_ATTRIBUTE) + 1:]] = tensor
+            grouped.setdefault(PREFIX_ATTRIBUTE, {})[key[len(PREFIX_ATTRIBUTE) + 1 :]] = tensor
             continue
         if not key.startswith(KEY_PREFIX):
             raise ValueError(f"unexpected tensor {key!r}: peft keys start with {KEY_PREFIX!r}")
-        name = key[len(KEY_PREFIX):]
+        name = key[len(KEY_PREFIX) :]
         rel = next((r for r in adapter_names if name.endswith("." + r)), None)
         if rel is not None:
             grouped.setdefault(name[: -len(rel) - 1], {})[rel] = tensor
@@ -234,16 +285,20 @@ def _our_module(model: nn.Module, hf_name: str, name_map_inverse: NameMap) -> st
         ours = name_map_inverse(hf_name)
         model.get_submodule(ours)
     except (AttributeError, KeyError):
-        raise ValueError(f"adapter module {hf_name!r} has no counterpart in the model (name_map_inverse)") from None
+        raise ValueError(
+            f"adapter module {hf_name!r} has no counterpart in the model (name_map_inverse)"
+        ) from None
     return ours
 
 
 def _wrapped(model: nn.Module, name: str, cls: type[AdaptedLinear], **kwargs) -> AdaptedLinear:
-    """The module's existing adapter of type `cls`, or a new `cls(linear, **kwargs)`."""
+    """A new `cls(linear, **kwargs)` at `name`; an adapter of the same type already there is replaced
+    (its settings, e.g. alpha, may differ from the folder's)."""
     module = model.get_submodule(name)
     if isinstance(module, cls):
-        return module
-    if isinstance(module, AdapterModule) or not isinstance(module, nn.Linear):
+        module.unmerge()
+        module = module.to_linear()
+    if not isinstance(module, nn.Linear) or isinstance(module, AdapterModule):
         raise ValueError(f"cannot load a {cls.__name__} adapter into {name!r} ({type(module).__name__})")
     wrapper = cls(module, **kwargs)
     replace_module(model, name, wrapper)
@@ -252,7 +307,9 @@ def _wrapped(model: nn.Module, name: str, cls: type[AdaptedLinear], **kwargs) ->
 
 def _copy_tensor(param: torch.Tensor, tensor: torch.Tensor, key: str) -> None:
     if tuple(tensor.shape) != tuple(param.shape):
-        raise ValueError(f"adapter tensor {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+        raise ValueError(
+            f"adapter tensor {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
+        )
     with torch.no_grad():
         param.copy_(tensor.to(device=param.device, dtype=param.dtype))
 
@@ -260,7 +317,10 @@ def _copy_tensor(param: torch.Tensor, tensor: torch.Tensor, key: str) -> None:
 def _copy_all(targets: dict[str, torch.Tensor], parts: dict[str, torch.Tensor], module_name: str) -> None:
     missing, unexpected = sorted(set(targets) - set(parts)), sorted(set(parts) - set(targets))
     if missing or unexpected:
-        raise ValueError(f"adapter tensors for module {module_name!r} do not fit: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"adapter tensors for module {module_name!r} do not fit: "
+            f"missing {missing}, unexpected {unexpected}"
+        )
     for rel, param in targets.items():
         _copy_tensor(param, parts[rel], f"{module_name}.{rel}")
 
@@ -280,9 +340,12 @@ def _load_lora(model, config: dict, grouped, name_map_inverse) -> None:
         ours = _our_module(model, hf_name, name_map_inverse)
         r = parts["lora_A.weight"].shape[0]
         cfg = LoraConfig(
-            target_modules=(ours,), r=r, lora_dropout=config.get("lora_dropout", 0.0),
+            target_modules=(ours,),
+            r=r,
+            lora_dropout=config.get("lora_dropout", 0.0),
             lora_alpha=_pattern_value(config.get("alpha_pattern"), hf_name, config.get("lora_alpha", 8)),
-            use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
+            use_rslora=bool(config.get("use_rslora")),
+            use_dora=bool(config.get("use_dora")),
         )
         module = _wrapped(model, ours, LoRALinear, config=cfg)
         if "lora_magnitude_vector.weight" in parts:  # older peft versions saved it with ".weight"
@@ -333,11 +396,18 @@ def _load_prefix(model, config: dict, grouped, name_map_inverse) -> None:
     _copy_all(dict(encoder.adapter_parameters()), grouped.get(PREFIX_ATTRIBUTE, {}), PREFIX_ATTRIBUTE)
 
 
-_LOADERS = {"LORA": _load_lora, "IA3": _load_ia3, "ADALORA": _load_adalora,
-            "LMSMITH_BOTTLENECK": _load_bottleneck, "LMSMITH_PREFIX_TUNING": _load_prefix}
+_LOADERS = {
+    "LORA": _load_lora,
+    "IA3": _load_ia3,
+    "ADALORA": _load_adalora,
+    "LMSMITH_BOTTLENECK": _load_bottleneck,
+    "LMSMITH_PREFIX_TUNING": _load_prefix,
+}
 
 
-def _load_modules_to_save(model: nn.Module, whole: dict[str, torch.Tensor], name_map_inverse: NameMap) -> None:
+def _load_modules_to_save(
+    model: nn.Module, whole: dict[str, torch.Tensor], name_map_inverse: NameMap
+) -> None:
     for hf_key, tensor in whole.items():
         hf_module, _, rel = hf_key.rpartition(".")
         module = model.get_submodule(_our_module(model, hf_module, name_map_inverse))

@@ -1,9 +1,10 @@
 """(IA)^3: a learned vector rescales a linear layer's activations (Liu et al., 2022)."""
+
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .base import AdaptedLinear, adapter_factory_kwargs
 from .config import IA3Config
@@ -37,7 +38,9 @@ class IA3Linear(AdaptedLinear):
 
     def _unmerge(self) -> None:
         if bool((self.ia3_l == 0).any()):
-            raise ValueError("cannot unmerge (IA)^3: its scaling vector contains zeros, the merge lost the weights")
+            raise ValueError(
+                "cannot unmerge (IA)^3: its scaling vector contains zeros, the merge lost the weights"
+            )
         self.weight.div_(self.ia3_l.to(self.weight.dtype))
         if not self.is_feedforward and self.bias is not None:
             self.bias.div_(self.ia3_l.flatten().to(self.bias.dtype))

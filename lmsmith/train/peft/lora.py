@@ -1,11 +1,12 @@
 """LoRA, rsLoRA and DoRA on a linear layer, numerically as peft computes them."""
+
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .base import AdaptedLinear, adapter_factory_kwargs
 from .config import LoraConfig
@@ -68,7 +69,7 @@ class LoRALinear(AdaptedLinear):
     def _dora_correction(self, h, dropped: bool, result, lora) -> torch.Tensor:
         """(m/‖W+ΔW‖ − 1)·W h + (m/‖W+ΔW‖)·s B A h, added to W x + b (peft's DoRA forward).
 
-        The norm is detached, as the DoRA paper (section 4.3) recommends: it reflects ΔW but gets no gradient.
+        The norm is detached, as the DoRA paper (section 4.3) recommends: it follows ΔW, gets no gradient.
         """
         weight = self.weight.to(lora.dtype)
         norm = dora_weight_norm(weight, self.delta_weight().detach()).detach()

@@ -9,10 +9,11 @@ The encoder only produces tensors; the attention module consumes them. Layout co
   the layout of `AttentionInputs.prefix`. Attention concatenates them *in front of* its keys and
   values (after RoPE: prefixes carry no position) and every query may attend to all of them.
 """
+
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .base import AdapterModule
 from .config import PrefixConfig
@@ -51,7 +52,9 @@ class PrefixEncoder(AdapterModule):
         P, L, H, D = self.num_virtual_tokens, self.num_layers, self.num_kv_heads, self.head_dim
         return flat.view(P, L, 2, H, D).permute(1, 2, 0, 3, 4)
 
-    def key_values(self, batch_size: int, dtype: torch.dtype | None = None) -> tuple[tuple[torch.Tensor, ...], ...]:
+    def key_values(
+        self, batch_size: int, dtype: torch.dtype | None = None
+    ) -> tuple[tuple[torch.Tensor, ...], ...]:
         """Per layer (key, value), each (batch, num_kv_heads, num_virtual_tokens, head_dim)."""
         kv = self()  # (L, 2, P, Hkv, D)
         if dtype is not None:
@@ -61,8 +64,10 @@ class PrefixEncoder(AdapterModule):
         return tuple((layer[0].expand(shape), layer[1].expand(shape)) for layer in kv)
 
     def extra_repr(self) -> str:
-        return (f"layers={self.num_layers}, virtual_tokens={self.num_virtual_tokens}, "
-                f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}")
+        return (
+            f"layers={self.num_layers}, virtual_tokens={self.num_virtual_tokens}, "
+            f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+        )
 
 
 def prefix_for(model: nn.Module, batch_size: int, dtype: torch.dtype | None = None):

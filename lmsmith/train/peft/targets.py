@@ -1,10 +1,11 @@
 """Find modules by name (peft's matching rules) and swap them in place."""
+
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
 
-import torch.nn as nn
+from torch import nn
 
 from .base import AdapterModule
 from .config import Targets
@@ -58,7 +59,9 @@ def find_targets(
         if isinstance(module, AdapterModule):
             raise ValueError(f"module {name!r} already has an adapter ({type(module).__name__})")
         if not accepts(module):
-            raise ValueError(f"target {name!r} is a {type(module).__name__}; this method adapts {kind} modules")
+            raise ValueError(
+                f"target {name!r} is a {type(module).__name__}; this method adapts {kind} modules"
+            )
         names.append(name)
     if not names:
         raise ValueError(f"target_modules {targets!r} matched no module; {_available(model)}")
