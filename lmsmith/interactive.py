@@ -8,8 +8,9 @@ from .api import chat_stream, load
 from .generate import GenerationConfig, stream
 
 
-def _print_stream(pieces, out=sys.stdout) -> tuple[int, float]:
+def _print_stream(pieces, out=None) -> tuple[int, float]:
     """Print pieces as they arrive; return (characters, seconds)."""
+    out = out or sys.stdout
     start, chars = time.perf_counter(), 0
     for piece in pieces:
         out.write(piece)

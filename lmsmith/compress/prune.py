@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .quantize import accumulate_linear_inputs, select_linear_layers
+from .quantize import DEFAULT_EXCLUDE, accumulate_linear_inputs, select_linear_layers
 
 PRUNE_METHODS = ("magnitude", "magnitude-global", "wanda", "nm-magnitude", "nm-wanda")
 MASK_BUFFER = "weight_mask"
@@ -154,7 +154,7 @@ def prune_model(
     sparsity: float | None = None,
     *,
     targets: Sequence[str] = ("*",),
-    exclude: Sequence[str] = ("lm_head", "*.lm_head"),
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
     calibration: Iterable[Any] | None = None,
     n: int = 2,
     m: int = 4,

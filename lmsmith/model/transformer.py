@@ -121,6 +121,9 @@ class Transformer(nn.Module):
             )
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        encoder = getattr(self, "prefix_encoder", None)  # set by prefix tuning (train/peft)
+        if prefix is None and encoder is not None and not getattr(encoder, "disabled", False):
+            prefix = encoder.key_values(B, self.dtype)
         inp = self._attention_inputs(position_ids, attention_mask, past, T, cache, prefix, output_attentions)
         x = self.embed(input_ids, position_ids, token_type_ids)
         hidden, weights = [x], []

@@ -359,24 +359,30 @@ def _load_lora(model, config: dict, grouped, name_map_inverse) -> None:
 def _load_ia3(model, config: dict, grouped, name_map_inverse) -> None:
     feedforward = config.get("feedforward_modules") or ()
     feedforward = feedforward if isinstance(feedforward, str) else tuple(feedforward)
+    names = _our_names(model, grouped, name_map_inverse)
+    shared = IA3Config(target_modules=tuple(names.values()))
     for hf_name, parts in grouped.items():
-        ours = _our_module(model, hf_name, name_map_inverse)
-        cfg = IA3Config(target_modules=(ours,))
         is_ff = bool(feedforward) and name_matches(hf_name, feedforward)
-        module = _wrapped(model, ours, IA3Linear, config=cfg, is_feedforward=is_ff)
+        module = _wrapped(model, names[hf_name], IA3Linear, config=shared, is_feedforward=is_ff)
         _copy_all({"ia3_l": module.ia3_l}, parts, hf_name)
 
 
 def _load_adalora(model, config: dict, grouped, name_map_inverse) -> None:
     keys = {f.name for f in fields(AdaLoraConfig)} - {"target_modules", "modules_to_save"}
-    settings = {k: config[k] for k in keys if config.get(k) is not None}
+    names = _our_names(model, grouped, name_map_inverse)
+    # one shared config, so that peft_callbacks can resume rank allocation on the loaded adapter
+    shared = AdaLoraConfig(
+        target_modules=tuple(names.values()), **{k: config[k] for k in keys if config.get(k) is not None}
+    )
     for hf_name, parts in grouped.items():
-        ours = _our_module(model, hf_name, name_map_inverse)
-        cfg = AdaLoraConfig(target_modules=(ours,), **settings)
-        r = parts["lora_A"].shape[0] if "lora_A" in parts else cfg.init_r
-        module = _wrapped(model, ours, SVDLinear, config=cfg, r=r, ranknum=cfg.init_r)
+        r = parts["lora_A"].shape[0] if "lora_A" in parts else shared.init_r  # peft saves allocated ranks
+        module = _wrapped(model, names[hf_name], SVDLinear, config=shared, r=r, ranknum=shared.init_r)
         targets = {"lora_A": module.lora_A, "lora_B": module.lora_B, "lora_E": module.lora_E}
         _copy_all(targets, parts, hf_name)
+
+
+def _our_names(model: nn.Module, grouped: dict, name_map_inverse: NameMap) -> dict[str, str]:
+    return {hf_name: _our_module(model, hf_name, name_map_inverse) for hf_name in grouped}
 
 
 def _load_bottleneck(model, config: dict, grouped, name_map_inverse) -> None:
