@@ -56,15 +56,17 @@ def save_artifact(model: Transformer, path: str | os.PathLike, tokenizer=None, m
 
 
 def _save_quantized(model: Transformer, target: Path, tokenizer, manifest_text: str) -> Path:
-    import tempfile
     import shutil
+    import tempfile
 
     from ..compress.quantize import quantized_state_dict
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in quantized_state_dict(model).items()}
+        tensors, _ = quantized_state_dict(model)
+        tied = {"lm_head.weight", "mlm_head.decoder.weight"} if model.config.tie_word_embeddings else set()
+        state = {k: v.detach().cpu().contiguous() for k, v in tensors.items() if k not in tied}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "lmsmith-quantized"})
         (tmp / MANIFEST).write_text(manifest_text)
         if tokenizer is not None:
