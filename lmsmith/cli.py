@@ -85,10 +85,19 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
+def _all_verbs() -> dict[str, tuple[str, Callable, Callable]]:
+    """Our verbs plus those each area declares next to its code (their imports stay lazy)."""
+    from .compress.cli_verbs import VERBS as compress_verbs
+    from .serve.cli_verbs import VERBS as serve_verbs
+    from .train.cli_verbs import VERBS as train_verbs
+
+    return {**VERBS, **train_verbs, **compress_verbs, **serve_verbs}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmsmith", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lmsmith", description="Build, adapt, compress, check and serve language models.")
     sub = parser.add_subparsers(dest="verb", required=True)
-    for name, (help_text, setup, run) in VERBS.items():
+    for name, (help_text, setup, run) in _all_verbs().items():
         p = sub.add_parser(name, help=help_text)
         setup(p)
         p.set_defaults(run=run)

@@ -127,15 +127,14 @@ def attention(
     dropout: float = 0.0,
 ) -> torch.Tensor:
     """SDPA over (B, H, T, D) queries and (B, Hkv, S, D) keys/values (grouped-query aware)."""
-    if k.shape[1] != q.shape[1]:
-        repeat = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(repeat, dim=1)
-        v = v.repeat_interleave(repeat, dim=1)
     if mask is not None:
-        # A fully masked row (a padding query) would give NaN; let it see itself-free garbage instead.
+        # A fully masked row (a padding query) would give NaN; let it attend everywhere instead (its
+        # output is never used).
         mask = mask | ~mask.any(-1, keepdim=True)
+    # enable_gqa lets SDPA share each KV head across its query group without copying K/V.
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal and mask is None
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal and mask is None,
+        enable_gqa=k.shape[1] != q.shape[1],
     )
 
 

@@ -359,8 +359,7 @@ class RequestStream:
             self._close()
             raise
         if output.finished:
-            self._done = True
-            self._owner._unregister(self.request_id)
+            self._done = True  # the engine thread has already unregistered it
         return output
 
     async def aclose(self) -> None:
@@ -514,8 +513,8 @@ class AsyncEngine:
             self.engine.abort_all()
             return True
         seconds = time.perf_counter() - start
+        self._call_hooks(outputs, seconds)  # first: metrics are up to date when a client sees an output
         self._deliver(outputs)
-        self._call_hooks(outputs, seconds)
         ran = self.engine.counters["num_steps"] + self.engine.counters["num_failed_steps"] > steps_before
         return ran or bool(outputs)
 
@@ -523,7 +522,9 @@ class AsyncEngine:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._streams_lock:
             for output in outputs:
-                target = self._streams.get(output.request_id)
+                # a finished request's stream is done: forget it here, whoever owned it
+                get = self._streams.pop if output.finished else self._streams.get
+                target = get(output.request_id, None)
                 if target is not None:
                     by_loop.setdefault(target[0], []).append((target[1], output))
         for loop, items in by_loop.items():  # one hand-off per loop per step, not per output

@@ -180,8 +180,8 @@ def _unsupported_chat(r: ChatCompletionRequest) -> list[tuple[str, str]]:
     if r.tool_choice not in (None, "none"):
         found.append(("tool_choice", "tool_choice other than 'none' is not supported"))
     if r.response_format is not None and r.response_format.type != "text":
-        found.append(("response_format", f"response_format type {r.response_format.type!r} is not supported "
-                                         "(only 'text')"))
+        found.append(("response_format", (f"response_format type {r.response_format.type!r} is not supported "
+                                         "(only 'text')")))
     return found
 
 
@@ -201,11 +201,11 @@ def requested_max_tokens(request: _GenerationRequest) -> int | None:
 def sampling_params(request: _GenerationRequest, max_tokens: int) -> SamplingParams:
     """The engine's SamplingParams; its own range checks become 400s."""
     stop = request.stop
-    values = dict(
-        max_tokens=max_tokens, seed=request.seed, ignore_eos=request.ignore_eos,
-        stop=() if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop)),
-        stop_token_ids=tuple(request.stop_token_ids or ()),
-    )
+    values = {
+        "max_tokens": max_tokens, "seed": request.seed, "ignore_eos": request.ignore_eos,
+        "stop": () if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop)),
+        "stop_token_ids": tuple(request.stop_token_ids or ()),
+    }
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
         if getattr(request, name) is not None:
             values[name] = getattr(request, name)

@@ -21,6 +21,7 @@ from lmsmith.io.gguf import (
     read_gguf,
     unpermute_rope_rows,
 )
+from lmsmith.model.families import config_from_hf
 from lmsmith.tokenizer import Tokenizer
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 64, 4, 2, 128, 2
@@ -199,7 +200,12 @@ def test_tied_embeddings_have_no_lm_head(tmp_path):
 def test_qwen2_keeps_row_order_and_maps_biases(tmp_path):
     weights = hf_weights(seed=4, bias=True)
     ckpt = read_gguf(write_gguf(tmp_path / "qwen2.gguf", weights, arch="qwen2"))
-    assert ckpt.hf_config["model_type"] == "qwen2" and ckpt.hf_config["attention_bias"] is True
+    assert ckpt.hf_config["model_type"] == "qwen2"
+    # Qwen2 has q/k/v biases and no o bias by definition: `attention_bias` (q/k/v/o together in
+    # Llama) must not appear, or the model would expect an o_proj bias the file does not have.
+    assert "attention_bias" not in ckpt.hf_config
+    config = config_from_hf(ckpt.hf_config)
+    assert config.attn_qkv_bias and not config.attn_out_bias
     assert set(ckpt.tensors) == set(weights)
     for name, expected in weights.items():
         assert torch.equal(ckpt.tensors[name], torch.from_numpy(expected)), name

@@ -1,0 +1,99 @@
+"""Decode-step time of the serving engine on the embedded SmolLM2-135M (fp32), at 1 / 8 / 32 sequences.
+
+One command:  python benchmarks/engine_step.py [--batch 1 8 32] [--prompt-tokens 64] [--steps 16] [--threads N]
+
+For each batch size B: B requests with different prompts of --prompt-tokens tokens are prefilled, then
+--steps decode steps are timed (median). Printed per B:
+  engine   `Engine.step()`: schedule + runner (paged gather/scatter, forward, sampling) + detokenize
+  runner   `ModelRunner.execute` alone (the model forward over the paged cache, plus sampling)
+  static   the peer: one decode step of the same model over lmsmith's StaticKVCache (what
+           `lmsmith.generate` does), B rows of the same length: no paging, no scheduling
+  ratio    engine / static: the price of paging + continuous batching bookkeeping
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+        "combined movable metal type, oil-based ink and a wooden press adapted from those used for wine. ")
+
+
+def prompts(tok, batch: int, length: int) -> list[list[int]]:
+    """B different prompts of exactly `length` tokens (a rotating window over a long text)."""
+    ids = tok.encode(TEXT * (2 + (length * batch) // 40), add_special_tokens=False)
+    return [ids[i * 7:i * 7 + length] for i in range(batch)]
+
+
+def time_engine(model, tok, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
+    from lmsmith.serve.engine import Engine, EngineConfig
+    from lmsmith.serve.request import SamplingParams
+
+    config = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * prompt_len),
+                          num_blocks=batch * (-(-(prompt_len + steps + 8) // 16)), enable_prefix_caching=False)
+    engine = Engine(model, tok, config)
+    runner_times: list[float] = []
+    execute = engine.runner.execute
+
+    def timed_execute(*args):
+        start = time.perf_counter()
+        out = execute(*args)
+        runner_times.append(time.perf_counter() - start)
+        return out
+
+    engine.runner.execute = timed_execute
+    for i, p in enumerate(prompts(tok, batch, prompt_len)):
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True))
+    engine.step()  # prefill everything
+    engine.step()  # warm-up decode
+    step_times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        outputs = engine.step()
+        step_times.append(time.perf_counter() - start)
+        assert len(outputs) == batch, "every sequence should decode in every timed step"
+    return statistics.median(step_times), statistics.median(runner_times[2:])
+
+
+@torch.inference_mode()
+def time_static(model, tok, batch: int, prompt_len: int, steps: int) -> float:
+    from lmsmith.model.cache import StaticKVCache
+
+    ids = torch.tensor(prompts(tok, batch, prompt_len))
+    cache = StaticKVCache(model.config, batch, prompt_len + steps + 2, dtype=model.dtype)
+    token = model(ids, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        token = model(token.view(batch, 1), cache=cache).logits[:, -1].argmax(-1)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lmsmith.api import load
+
+    model, tok = load("smollm2")
+    print(f"SmolLM2-135M fp32, {torch.get_num_threads()} threads, prompts of {args.prompt_tokens} tokens, "
+          f"median of {args.steps} decode steps")
+    print(f"{'B':>3} {'engine ms':>10} {'runner ms':>10} {'static ms':>10} {'ratio':>6} {'tok/s':>8}")
+    for batch in args.batch:
+        engine_s, runner_s = time_engine(model, tok, batch, args.prompt_tokens, args.steps)
+        static_s = time_static(model, tok, batch, args.prompt_tokens, args.steps)
+        print(f"{batch:>3} {engine_s * 1e3:>10.1f} {runner_s * 1e3:>10.1f} {static_s * 1e3:>10.1f} "
+              f"{engine_s / static_s:>6.2f} {batch / engine_s:>8.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""From a RunConfig to the pieces the loop needs: tokenizer, model, encoded data, objective.
+
+Each function takes the frozen config (or one of its sections) and returns plain objects, so the
+same recipe always builds the same model and the same batches (all randomness is seeded).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from .. import data as D
+from ..model.config import PRESETS, ModelConfig
+from ..model.transformer import Transformer
+from ..tokenizer import SpecialTokens, Tokenizer
+from .loop import TrainData
+from .objectives import MODEL_TASKS, Batch, Distillation, Objective, objective_for
+from .recipes import DataSection, ModelSection, RunConfig, TokenizerSection
+
+log = logging.getLogger(__name__)
+LM_OBJECTIVES = ("causal-lm", "masked-lm")
+CLASSIFICATION = ("sequence-classification", "token-classification")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    train: TrainData
+    validation: list[Batch]
+    test: list[Batch]
+    labels: tuple[str, ...]
+    sizes: dict[str, int]  # examples (or packed blocks) per split
+
+
+# --- records --------------------------------------------------------------------------------------------
+
+def load_splits(section: DataSection, objective: str) -> tuple[D.Splits, tuple[str, ...]]:
+    """Train/validation/test records and the class labels (empty for language modelling)."""
+    split_options = {"ratios": section.ratios, "sizes": dict(section.sizes) if section.sizes else None,
+                     "seed": section.seed}
+    if section.source in D.dataset_names():
+        loaded = D.load_dataset(section.source, stratify=section.stratify, **split_options)
+        return loaded.splits, tuple(section.labels or loaded.labels)
+    records = read_records(section, objective)
+    labelled = objective in CLASSIFICATION and objective != "token-classification"
+    splits = D.split(records, stratify=section.stratify and labelled, **split_options)
+    return splits, tuple(section.labels) or infer_labels(splits.train, objective)
+
+
+def data_format(section: DataSection) -> str:
+    if section.format != "auto":
+        return section.format
+    path = Path(section.source)
+    if path.is_dir() or path.suffix == ".txt":
+        return "text"
+    known = {".csv": "csv", ".jsonl": "jsonl", ".conll": "conll"}
+    if path.suffix not in known:
+        raise ValueError(f"cannot tell the format of {path}; set data.format to one of text, csv, jsonl, conll")
+    return known[path.suffix]
+
+
+def read_records(section: DataSection, objective: str) -> list:
+    path = Path(section.source)
+    if not path.exists():
+        raise FileNotFoundError(f"data.source {section.source!r} is neither a registered data set "
+                                f"({D.dataset_names()}) nor an existing file or folder")
+    fmt = data_format(section)
+    if objective == "chat-sft":
+        return read_chat_jsonl(path)
+    if fmt == "conll":
+        return D.read_conll(path)
+    if fmt == "text":
+        records = D.read_text(path, unit=section.text_unit, pattern=section.pattern)
+    else:
+        columns = dict(section.columns) or {"text": "text", **({"label": "label"} if objective in CLASSIFICATION
+                                                               else {})}
+        reader = D.read_csv if fmt == "csv" else D.read_jsonl
+        records = reader(path, columns)
+    return D.clean(records)[0]
+
+
+def read_chat_jsonl(path: Path) -> list[dict]:
+    """Chat examples, one JSON object {"messages": [{role, content}, ...]} per line."""
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            obj = json.loads(line)
+            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+                raise D.DataError("expected an object with a 'messages' list", path, number)
+            examples.append(obj)
+    return examples
+
+
+def infer_labels(records: Sequence, objective: str) -> tuple[str, ...]:
+    if objective == "sequence-classification":
+        return tuple(sorted({str(r.label) for r in records}))
+    if objective == "token-classification":
+        return tuple(sorted({tag for r in records for tag in r.tags}))
+    return ()
+
+
+def texts_of(records: Sequence) -> list[str]:
+    return [r.text if hasattr(r, "text") else " ".join(m["content"] for m in r["messages"]) for r in records]
+
+
+# --- tokenizer ------------------------------------------------------------------------------------------
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int, kind: str) -> Tokenizer:
+    """A new byte-level BPE (GPT-2 style, <|endoftext|> as bos/eos/pad) or lowercase WordPiece (BERT
+    style, [CLS] text [SEP]) tokenizer trained on `texts`. Deterministic for the same texts."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    if kind == "wordpiece":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        backend = Backend(models.WordPiece(unk_token="[UNK]"))
+        backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, limit_alphabet=100,
+                                            show_progress=False)
+        backend.train_from_iterator(texts, trainer)
+        cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+        backend.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        return Tokenizer(backend, SpecialTokens(pad="[PAD]", unk="[UNK]", mask="[MASK]", cls="[CLS]", sep="[SEP]"))
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    eos = "<|endoftext|>"
+    return Tokenizer(backend, SpecialTokens(bos=eos, eos=eos, pad=eos))
+
+
+def load_tokenizer(source: str) -> Tokenizer:
+    from ..api import resolve
+
+    path = resolve(source)
+    return Tokenizer.from_gguf(path) if path.suffix == ".gguf" else Tokenizer.from_folder(path)
+
+
+def build_tokenizer(cfg: RunConfig, model_tokenizer: Tokenizer | None, train_texts: Sequence[str]) -> Tokenizer:
+    section: TokenizerSection = cfg.tokenizer
+    if section.source is not None:
+        return load_tokenizer(section.source)
+    if section.train_vocab_size is None and model_tokenizer is not None:
+        return model_tokenizer
+    if cfg.model.preset is None and section.train_vocab_size is None:
+        raise ValueError(f"model {cfg.model.source!r} has no tokenizer; set tokenizer.source")
+    vocab = section.train_vocab_size or _preset(cfg.model).vocab_size
+    kind = section.kind if section.kind != "auto" else ("wordpiece" if cfg.objective == "masked-lm" else "bpe")
+    return train_tokenizer(train_texts, vocab, kind)
+
+
+# --- model ------------------------------------------------------------------------------------------------
+
+def _preset(section: ModelSection) -> ModelConfig:
+    if section.preset not in PRESETS:
+        raise ValueError(f"model.preset={section.preset!r} is not one of {sorted(PRESETS)}")
+    return PRESETS[section.preset]
+
+
+def scratch_config(section: ModelSection, tokenizer: Tokenizer, task: str, labels: tuple[str, ...]) -> ModelConfig:
+    """The preset resized to the tokenizer's vocabulary, with the recipe's overrides."""
+    changes = {"vocab_size": tokenizer.vocab_size, "task": task, "labels": labels,
+               "pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    return _preset(section).replace(**{**changes, **dict(section.config)})
+
+
+def load_pretrained(source: str, task: str, labels: tuple[str, ...], dtype) -> tuple[Transformer, Tokenizer | None]:
+    """A pretrained model with the head `task` needs. A checkpoint without that head (an encoder loaded
+    for classification) gets a new, seeded head on its pretrained backbone, as transformers does."""
+    from ..api import load
+    from ..io.weights import CheckpointError
+
+    try:
+        model, tokenizer = load(source, task=task, labels=labels or None, dtype=dtype)
+        return model.train(), tokenizer
+    except CheckpointError as error:
+        if task == "base" or "missing tensor" not in str(error):
+            raise
+        log.info("%s: no %s head in the checkpoint, initialising one", source, task)
+    base, tokenizer = load(source, task="base", dtype=dtype)
+    model = Transformer(base.config.replace(task=task, labels=labels)).to(dtype)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    head = ("lm_head", "mlm_head", "classifier")
+    assert not unexpected and all(k.startswith(head) for k in missing), (missing, unexpected)
+    _copy_pretrained_pooler(model, source)
+    return model.train(), tokenizer
+
+
+def _copy_pretrained_pooler(model: Transformer, source: str) -> None:
+    """BERT-style checkpoints saved without their task wrapper keep `pooler.dense`; reuse it."""
+    from ..api import resolve
+    from ..io.checkpoint import read_tensors, weight_files
+
+    path = resolve(source)
+    pooler = getattr(getattr(model, "classifier", None), "pooler", None)
+    if pooler is None or not path.is_dir():
+        return
+    tensors = read_tensors(weight_files(path))
+    for prefix in ("pooler.dense.", "bert.pooler.dense."):
+        if prefix + "weight" in tensors and tensors[prefix + "weight"].shape == pooler.weight.shape:
+            with torch.no_grad():
+                pooler.weight.copy_(tensors[prefix + "weight"])
+                pooler.bias.copy_(tensors[prefix + "bias"])
+            return
+
+
+def with_config_overrides(model: Transformer, overrides: dict) -> Transformer:
+    """Rebuild a loaded model with shape-preserving config changes (dropout rates, pooler, …)."""
+    if not overrides:
+        return model
+    rebuilt = Transformer(model.config.replace(**overrides)).to(model.dtype)
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt
+
+
+def build_model(cfg: RunConfig, labels: tuple[str, ...]) -> tuple[Transformer | None, Tokenizer | None]:
+    """The pretrained model and its tokenizer, or (None, None) for a preset (built once the tokenizer
+    exists, because its vocabulary sets the embedding size)."""
+    from ..api import parse_dtype
+
+    if cfg.model.source is None:
+        return None, None
+    task = MODEL_TASKS[cfg.objective]
+    model, tokenizer = load_pretrained(cfg.model.source, task, labels, parse_dtype(cfg.model.dtype))
+    return with_config_overrides(model, dict(cfg.model.config)), tokenizer
+
+
+# --- features and batches -----------------------------------------------------------------------------
+
+def pad_id_of(tokenizer: Tokenizer) -> int:
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
+    return pad
+
+
+def encode_split(records: Sequence, objective: str, tokenizer: Tokenizer, section: DataSection,
+                 labels: tuple[str, ...]):
+    """A dataset (map-style) for one split."""
+    if objective == "causal-lm":
+        ids = [tokenizer.encode(text, add_special_tokens=False) for text in texts_of(records)]
+        if tokenizer.eos_id is None:
+            raise ValueError("causal-LM packing needs a tokenizer with an eos token")
+        return D.PackedDataset(D.pack_for_causal_lm(ids, section.max_length, eos_id=tokenizer.eos_id))
+    if objective == "masked-lm":
+        return D.FeatureDataset(D.encode_texts(texts_of(records), tokenizer, section.max_length))
+    if objective == "sequence-classification":
+        return D.FeatureDataset(D.encode_classification(records, tokenizer, labels, section.max_length))
+    if objective == "token-classification":
+        return D.FeatureDataset(D.encode_tagged(records, tokenizer, labels, section.max_length))
+    return D.FeatureDataset([D.encode_chat(r["messages"], tokenizer, section.max_length) for r in records])
+
+
+def collate_for(objective: str, tokenizer: Tokenizer, section: DataSection, seed: int):
+    if objective == "masked-lm":
+        return D.MLMCollator.from_tokenizer(tokenizer, section.mlm_probability, seed)
+    if objective == "causal-lm":
+        return collate_blocks
+    return partial(D.collate_padded, pad_id=pad_id_of(tokenizer))
+
+
+def collate_blocks(features: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Packed causal-LM rows: equal length, no padding, so no attention mask (SDPA's causal path)."""
+    ids = torch.stack([torch.as_tensor(f["input_ids"]) for f in features])
+    return {"input_ids": ids, "labels": ids}
+
+
+def fixed_batches(dataset, collate, batch_size: int) -> list[Batch]:
+    """Evaluation batches built once, in order (masked-LM masks drawn once, from their own seed)."""
+    return [collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            for start in range(0, len(dataset), batch_size)]
+
+
+def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, splits: D.Splits, labels: tuple[str, ...]) -> PreparedData:
+    sets = {name: encode_split(splits[name], cfg.objective, tokenizer, cfg.data, labels) if splits[name] else None
+            for name in ("train", "validation", "test")}
+    if sets["train"] is None or len(sets["train"]) == 0:
+        raise ValueError(f"the training split is empty (data sizes: {splits.sizes()})")
+    eval_size = cfg.train.eval_batch_size or cfg.train.batch_size
+    batches = {name: fixed_batches(sets[name], collate_for(cfg.objective, tokenizer, cfg.data, cfg.data.seed + 1),
+                                   eval_size) if sets[name] is not None else []
+               for name in ("validation", "test")}
+    train = TrainData(sets["train"], collate_for(cfg.objective, tokenizer, cfg.data, cfg.train.seed))
+    sizes = {name: len(s) if s is not None else 0 for name, s in sets.items()}
+    return PreparedData(train, batches["validation"], batches["test"], labels, sizes)
+
+
+def build_objective(cfg: RunConfig, labels: tuple[str, ...]) -> Objective:
+    objective = objective_for(cfg.objective, labels)
+    if cfg.distill.teacher is None:
+        return objective
+    teacher, _ = load_pretrained(cfg.distill.teacher, MODEL_TASKS[cfg.objective], labels, torch.float32)
+    d = cfg.distill
+    return Distillation(objective, teacher.eval(), d.temperature, d.alpha, d.hidden_weight)
