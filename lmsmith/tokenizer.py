@@ -64,6 +64,10 @@ class Tokenizer:
     when tokenizer_config.json states them); None keeps the backend's own post-processor.
     """
 
+    # The `tokenizer.*` GGUF metadata this tokenizer was built from (None otherwise): a GGUF export
+    # writes it back unchanged instead of re-deriving token types, pre-tokenizer name and scores.
+    gguf_metadata: dict[str, Any] | None = None
+
     def __init__(
         self,
         backend: Backend,
@@ -528,10 +532,12 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama"))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     template = meta.get("tokenizer.chat_template")
-    return Tokenizer(
+    tokenizer = Tokenizer(
         backend, _gguf_special_tokens(meta), chat_template=template if isinstance(template, str) else None,
         model_max_length=meta.get(f"{meta.get('general.architecture')}.context_length"),
         add_bos_eos=(add_bos, add_eos),
         # llama.cpp also ends generation on the end-of-turn / end-of-message tokens.
         extra_eos_ids=[meta[k] for k in _GGUF_END_OF_TURN_KEYS if k in meta],
     )
+    tokenizer.gguf_metadata = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
+    return tokenizer

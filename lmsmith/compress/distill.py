@@ -47,7 +47,7 @@ def spread_layers(num_layers: int, num_keep: int) -> list[int]:
     if num_keep == 1:
         return [num_layers - 1]
     step = (num_layers - 1) / (num_keep - 1)
-    return sorted({round(i * step) for i in range(num_keep)})
+    return [int(i * step + 0.5) for i in range(num_keep)]  # half-up: no banker's rounding surprises
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ def student_from_teacher(teacher: Transformer, keep: Sequence[int]) -> Transform
     for attribute in ("manifest",):
         student.__dict__.pop(attribute, None)
     keep_layers(student, keep)
-    return student.train()
+    return student.requires_grad_(True).train()  # the teacher may be frozen (e.g. by an earlier distill)
 
 
 def student_from_config(config: ModelConfig, teacher: Transformer | None = None, seed: int = 0) -> Transformer:
@@ -107,6 +107,7 @@ def distill(teacher: Transformer, student: Transformer, data: TrainData, setting
     """
     _check_compatible(teacher.config, student.config)
     teacher.to(pick_device(settings.device)).eval()
+    trainable = [p for p in teacher.parameters() if p.requires_grad]  # Distillation freezes the teacher
     projection = _projection(teacher.config, student.config) if hidden_weight > 0 else None
     if projection is not None:
         student.distill_projection = projection  # a submodule, so the loop's optimizer trains it
@@ -114,6 +115,8 @@ def distill(teacher: Transformer, student: Transformer, data: TrainData, setting
     try:
         return train(student, objective, data, settings, run_dir, eval_batches=eval_batches)
     finally:
+        for p in trainable:
+            p.requires_grad_(True)
         if projection is not None:
             del student.distill_projection
 

@@ -34,7 +34,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -331,36 +331,38 @@ def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Reci
 # --------------------------------------------------------------------------------------------------
 # Source model
 # --------------------------------------------------------------------------------------------------
-def with_task_head(model: Transformer, task: str, labels: Sequence[str] = ()) -> Transformer:
-    """The same backbone under a freshly initialised head for `task` (e.g. a classifier on an encoder)."""
-    config = model.config.replace(task=task, labels=tuple(labels))
-    torch.manual_seed(0)
-    fresh = Transformer(config).to(model.device, model.dtype)
-    heads = ("lm_head.", "mlm_head.", "classifier.")
-    backbone = {k: v for k, v in model.state_dict().items() if not k.startswith(heads)}
-    result = fresh.load_state_dict(backbone, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(heads)]
-    assert not missing, f"backbone tensors missing after the head swap: {missing[:5]}"
-    fresh.tie_weights()
-    return fresh
-
-
-def source_kind(model: Transformer, recipe: Recipe) -> str:
-    """"classifier" or "lm": what the recipe's task (or the source's own) is measured as."""
-    task = recipe.task or model.config.task
+def task_kind(task: str, source: str) -> str:
+    """"classifier" or "lm": how a model of `task` is measured."""
     if task not in TASK_KINDS:
-        raise ValueError(f"{recipe.source} is a {task!r} model; set recipe.task to one of {sorted(TASK_KINDS)}")
+        raise ValueError(f"{source} is a {task!r} model; set recipe.task to one of {sorted(TASK_KINDS)}")
     return TASK_KINDS[task]
 
 
-def prepare_source(model: Transformer, recipe: Recipe, labels: Sequence[str] = ()) -> tuple[Transformer, dict]:
-    """(model with the recipe's task head, manifest to continue): an artifact's history goes on."""
-    task = recipe.task or model.config.task
-    if model.config.task != task or (labels and tuple(labels) != model.config.labels):
-        model = with_task_head(model, task, labels)
-    manifest = copy.deepcopy(getattr(model, "manifest", None)) or new_manifest(model.config, recipe.source)
+def load_source(recipe: Recipe, labels_for: Callable[[str], tuple[str, ...]]) -> tuple[Transformer, Any, str]:
+    """(model, tokenizer, kind): the source with the head the recipe's task needs. An encoder without
+    that head (MiniLM) gets a new seeded one, as fine-tuning does; `labels_for(kind)` names the classes."""
+    from ..api import load
+    from ..train.build import load_pretrained, with_new_head
+
+    if recipe.task is not None:
+        kind = task_kind(recipe.task, recipe.source)
+        model, tokenizer = load_pretrained(recipe.source, recipe.task, labels_for(kind), torch.float32)
+    else:  # the source's own task
+        model, tokenizer = load(recipe.source)
+        kind = task_kind(model.config.task, recipe.source)
+        labels = labels_for(kind)
+        if labels and labels != model.config.labels:
+            model = with_new_head(model, model.config.task, labels, recipe.source)
+    if tokenizer is None:
+        raise ValueError(f"{recipe.source}: no tokenizer found with the model (needed to measure it)")
+    return model, tokenizer, kind
+
+
+def source_manifest(model: Transformer, source: str) -> dict:
+    """An artifact's manifest continues (its history goes on); other sources start a new one."""
+    manifest = copy.deepcopy(getattr(model, "manifest", None)) or new_manifest(model.config, source)
     manifest.setdefault("history", [])
-    return model, manifest
+    return manifest
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,8 +371,13 @@ def prepare_source(model: Transformer, recipe: Recipe, labels: Sequence[str] = (
 class StepData:
     """Training data, validation batches, calibration inputs and the measurement set of a recipe."""
 
-    def __init__(self, recipe: Recipe, tokenizer, kind: str):
-        self.spec, self.tokenizer, self.kind = recipe.data, tokenizer, kind
+    def __init__(self, spec: DataSpec, tokenizer=None, kind: str = "lm"):
+        self.spec, self.tokenizer, self.kind = spec, tokenizer, kind
+
+    def labels_for(self, kind: str) -> tuple[str, ...]:
+        """The dataset's class names for a classifier (loading the dataset), none for an LM."""
+        self.kind = kind
+        return self.labels
 
     @cached_property
     def dataset(self):
@@ -558,13 +565,10 @@ class _Runner:
         return self._finish()
 
     def _load(self) -> Transformer:
-        from ..api import load
-
-        model, self.tokenizer = load(self.recipe.source)
-        if self.tokenizer is None:
-            raise ValueError(f"{self.recipe.source}: no tokenizer found with the model (needed to measure it)")
-        self.data = StepData(self.recipe, self.tokenizer, source_kind(model, self.recipe))
-        model, self.manifest = prepare_source(model, self.recipe, self.data.labels)
+        self.data = StepData(self.recipe.data)
+        model, self.tokenizer, _ = load_source(self.recipe, self.data.labels_for)
+        self.data.tokenizer = self.tokenizer
+        self.manifest = source_manifest(model, self.recipe.source)
         return model.to(pick_device(self.recipe.device))
 
     def _measure(self, model, name: str, path: Path | None) -> Measurement:

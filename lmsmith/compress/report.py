@@ -352,7 +352,7 @@ def _columns(kind: str, batches: list[int]) -> list[Column]:
         ("nonzero", lambda m, s: f"{m.nonzero_parameters / max(m.parameters, 1):.0%}"),
         ("size MB", lambda m, s: f"{m.size_bytes / 2**20:.1f}"),
         ("size ×", lambda m, s: _num(_ratio(m.size_bytes, s.size_bytes), 2)),
-        ("peak MB", lambda m, s: f"{m.peak_memory_mb:.0f}"),
+        ("peak MB", lambda m, s: _num(m.peak_memory_mb, 0)),
     ]
     speed: list[Column] = []
     for b in batches:

@@ -173,7 +173,6 @@ class Engine:
             self.scheduler.add(request)
             self._tracked[request_id] = _Tracked(request, decoder)
             self.counters["num_requests_total"] += 1
-            self.counters["prompt_tokens_total"] += request.num_prompt_tokens
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request and free its blocks; its final output comes from the next `step()`.
@@ -244,8 +243,9 @@ class Engine:
     def _note_admissions(self, requests: dict[str, Request]) -> None:
         for rid, request in requests.items():
             tracked = self._tracked[rid]
-            if tracked.cached_tokens is None:
+            if tracked.cached_tokens is None:  # first admission
                 tracked.cached_tokens = min(request.num_cached_tokens, request.num_prompt_tokens)
+                self.counters["prompt_tokens_total"] += request.num_prompt_tokens
 
     def _count(self, plan: SchedulerOutput, tokens: dict[str, int]) -> None:
         self.counters["num_steps"] += 1
@@ -383,8 +383,9 @@ StepHook = Callable[[dict, float], None]
 class AsyncEngine:
     """Runs `Engine.step()` in one background thread; asyncio API for the server.
 
-    Hooks (called in the engine thread; keep them quick): `on_output(output)` for every output,
-    `on_step(stats, step_seconds)` after every step that ran the model or returned outputs.
+    Hooks (called in the engine thread, before the step's outputs are handed to the streams; keep
+    them quick): `on_output(output)` for every output, `on_step(stats, step_seconds)` after every
+    step that ran the model or returned outputs. An exception in a hook is logged and ignored.
     """
 
     def __init__(self, engine: Engine, idle_wait_s: float = 1.0) -> None:

@@ -176,14 +176,15 @@ class ModelRunner:
     @torch.inference_mode()
     def compute_logits(self, scheduled: Sequence[ScheduledSeq]) -> torch.Tensor:
         """(n, V) logits at the last real position of each of the n sequences that sample, in order."""
-        out, layout = self.forward(scheduled, logits_to_keep=1)
-        keep = torch.tensor([i for i, s in enumerate(scheduled) if s.samples_token], dtype=torch.long,
-                            device=self.device)
-        last = layout.num_new_tokens.index_select(0, keep) - 1  # (n,) column of each row's last token
-        T = layout.positions.shape[1]
-        if bool((last == T - 1).all()):  # every sampling row ends at the last column (always in decode)
+        out, _ = self.forward(scheduled, logits_to_keep=1)
+        rows = [i for i, s in enumerate(scheduled) if s.samples_token]
+        last = [scheduled[i].num_new_tokens - 1 for i in rows]  # column of each row's last real token
+        keep = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        T = max(s.num_new_tokens for s in scheduled)
+        if all(col == T - 1 for col in last):  # every sampling row ends at the last column (always in decode)
             return out.logits[:, -1].index_select(0, keep)
-        hidden = out.hidden_states[keep, last]  # (n, H): final-normed states at the last real tokens
+        columns = torch.tensor(last, dtype=torch.long).to(self.device, non_blocking=True)
+        hidden = out.hidden_states[keep, columns]  # (n, H): final-normed states at the last real tokens
         return self.model.lm_head(hidden)
 
     @torch.inference_mode()

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ class RunResult:
     stopped_early: bool
     resumed_from: int | None
     train_seconds: float
+    model: nn.Module | None = field(default=None, repr=False, compare=False)  # the trained model, in memory
+    tokenizer: Any = field(default=None, repr=False, compare=False)
 
 
 def finetune(recipe: str | os.PathLike | Mapping | RunConfig, overrides: Sequence[str] | Mapping = (), *,
@@ -113,7 +115,7 @@ def run_config(cfg: RunConfig, ctx: D.DistContext, resume: bool, verb: str) -> R
     test = evaluate(model, objective, data.test, cfg.train.precision, ctx.device) if data.test else {}
     model_dir, adapter_dir = export(model, tokenizer, cfg, run_dir, result, test, ctx, verb)
     outcome = RunResult(run_dir, model_dir, adapter_dir, result.last_eval, test, result.steps,
-                        result.stopped_early, result.resumed_from, seconds)
+                        result.stopped_early, result.resumed_from, seconds, D.unwrap(model), tokenizer)
     if ctx.is_main:
         write_results(run_dir, outcome, result, data.sizes)
     return outcome

@@ -104,7 +104,16 @@ def infer_labels(records: Sequence, objective: str) -> tuple[str, ...]:
 
 
 def texts_of(records: Sequence) -> list[str]:
-    return [r.text if hasattr(r, "text") else " ".join(m["content"] for m in r["messages"]) for r in records]
+    """The plain text of text records, tagged sentences and chat examples (to train tokenizers on)."""
+    return [text_of(r) for r in records]
+
+
+def text_of(record) -> str:
+    if hasattr(record, "text"):
+        return record.text
+    if hasattr(record, "tokens"):
+        return " ".join(record.tokens)
+    return " ".join(m["content"] for m in record["messages"])
 
 
 # --- tokenizer ------------------------------------------------------------------------------------------
@@ -175,24 +184,32 @@ def scratch_config(section: ModelSection, tokenizer: Tokenizer, task: str, label
 
 def load_pretrained(source: str, task: str, labels: tuple[str, ...], dtype) -> tuple[Transformer, Tokenizer | None]:
     """A pretrained model with the head `task` needs. A checkpoint without that head (an encoder loaded
-    for classification) gets a new, seeded head on its pretrained backbone, as transformers does."""
+    for classification, an MLM artifact fine-tuned as a classifier) keeps its backbone and gets a new,
+    seeded head, as transformers does."""
     from ..api import load
     from ..io.weights import CheckpointError
 
     try:
         model, tokenizer = load(source, task=task, labels=labels or None, dtype=dtype)
-        return model.train(), tokenizer
+        if model.config.task == task and (not labels or model.config.labels == labels):
+            return model.train(), tokenizer
     except CheckpointError as error:
         if task == "base" or "missing tensor" not in str(error):
             raise
-        log.info("%s: no %s head in the checkpoint, initialising one", source, task)
-    base, tokenizer = load(source, task="base", dtype=dtype)
-    model = Transformer(base.config.replace(task=task, labels=labels)).to(dtype)
-    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-    head = ("lm_head", "mlm_head", "classifier")
-    assert not unexpected and all(k.startswith(head) for k in missing), (missing, unexpected)
+        model, tokenizer = load(source, task="base", dtype=dtype)
+    log.info("%s: no %s head with labels %s in the checkpoint, initialising one", source, task, labels)
+    return with_new_head(model, task, labels, source), tokenizer
+
+
+def with_new_head(base: Transformer, task: str, labels: tuple[str, ...], source: str) -> Transformer:
+    model = Transformer(base.config.replace(task=task, labels=labels)).to(base.dtype)
+    heads = ("lm_head.", "mlm_head.", "classifier.")
+    backbone = {k: v for k, v in base.state_dict().items() if not k.startswith(heads)}
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    assert not unexpected and all(k.startswith(heads) for k in missing), (missing, unexpected)
+    model.tie_weights()
     _copy_pretrained_pooler(model, source)
-    return model.train(), tokenizer
+    return model.train()
 
 
 def _copy_pretrained_pooler(model: Transformer, source: str) -> None:

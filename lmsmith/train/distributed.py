@@ -9,6 +9,7 @@ Without RANK/WORLD_SIZE in the environment everything here is a no-op and world 
 """
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -83,9 +84,12 @@ def wrap(model: nn.Module, ctx: DistContext, strategy: str = "ddp") -> nn.Module
             fully_shard(block)
         return fully_shard(model)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    # No buffer needs syncing (RoPE tables are recomputed), and frozen PEFT bases are fine without
-    # find_unused_parameters: every trainable parameter takes part in each forward.
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    # No buffer needs syncing in forward (RoPE tables are the same everywhere), and frozen PEFT bases are
+    # fine without find_unused_parameters: every trainable parameter takes part in each forward.
+    ddp = nn.parallel.DistributedDataParallel
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+               else {"broadcast_buffers": False})
+    return ddp(model, device_ids=device_ids, **no_sync)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -203,6 +203,11 @@ def count_tokens(batch: Mapping[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
+def epochs_done(sampler: ResumableSampler) -> float:
+    """Epochs completed, fractional: epoch index plus the share of its batches already drawn."""
+    return sampler.epoch + sampler.position / max(sampler.batches_per_epoch, 1)
+
+
 def improved(value: float, best: float | None, greater_is_better: bool) -> bool:
     if best is None:
         return True
@@ -480,7 +485,7 @@ class _Window:
         rate = (parts.loop.tokens - self.tokens) / max(now - self.time, 1e-9)
         self.time, self.tokens = now, parts.loop.tokens
         record = {"loss": float(loss_sum) / max(outcome.targets, 1), "lr": parts.scheduler.get_last_lr()[0],
-                  "epoch": parts.sampler.sampler.epoch, "tokens": parts.loop.tokens, "tokens_per_s": rate}
+                  "epoch": epochs_done(parts.sampler.sampler), "tokens": parts.loop.tokens, "tokens_per_s": rate}
         if outcome.grad_norm is not None:
             record["grad_norm"] = outcome.grad_norm
         if outcome.skipped:

@@ -9,14 +9,18 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFWriter, TokenType
+from gguf import GGUFReader, GGUFValueType, GGUFWriter, TokenType
 from gguf.quants import dequantize, quantize
 from tokenizers.pre_tokenizers import ByteLevel
 
 from lmsmith.io.gguf import (
     ARCHITECTURES,
+    GGUFFile,
+    gguf_fields,
     gguf_tensor_info,
     hf_tensor_name,
+    open_gguf,
+    parse_gguf,
     permute_rope_rows,
     read_gguf,
     unpermute_rope_rows,
@@ -330,6 +334,152 @@ def test_unknown_tensor_and_undequantizable_type_are_errors(tmp_path):
         read_gguf(ints)
 
 
+# ---------------------------------------------------------------- header parser vs gguf.GGUFReader
+def _flatten(value):
+    if isinstance(value, list):
+        return [leaf for item in value for leaf in _flatten(item)]
+    return [value]
+
+
+def _same_value(ours, theirs, types) -> bool:
+    """GGUFReader flattens nested arrays and keeps float32 as its float64 value; we nest and print
+    float32 at its shortest (1e-05): equal when they denote the same float32."""
+    if GGUFValueType.FLOAT32 in types:
+        return np.array_equal(np.float32(_flatten(ours)), np.float32(_flatten(theirs)))
+    return _flatten(ours) == _flatten(theirs)
+
+
+def assert_header_matches_gguf_reader(path: Path) -> GGUFFile:
+    ours, reader = open_gguf(path), GGUFReader(path)
+    assert list(ours.metadata) == list(reader.fields)  # same keys, same (file) order
+    for key, f in reader.fields.items():
+        assert ours.value_types[key] == tuple(f.types), key
+        assert _same_value(ours.metadata[key], f.contents(), f.types), key
+    assert (ours.alignment, ours.data_offset) == (reader.alignment, reader.data_offset)
+    assert [t.name for t in ours.tensors] == [t.name for t in reader.tensors]
+    for mine, theirs in zip(ours.tensors, reader.tensors):
+        assert mine.ggml_type == theirs.tensor_type.name, mine.name
+        assert mine.shape == tuple(int(d) for d in reversed(theirs.shape)), mine.name
+        assert (mine.offset, mine.n_bytes) == (theirs.data_offset, theirs.n_bytes), mine.name
+    return ours
+
+
+def write_every_value_type(path: Path, alignment: int | None = None) -> Path:
+    writer = GGUFWriter(str(path), "llama")
+    if alignment:
+        writer.add_custom_alignment(alignment)
+    writer.add_uint8("t.u8", 250)
+    writer.add_int8("t.i8", -7)
+    writer.add_uint16("t.u16", 65000)
+    writer.add_int16("t.i16", -30000)
+    writer.add_uint32("t.u32", 4_000_000_000)
+    writer.add_int32("t.i32", -2_000_000_000)
+    writer.add_uint64("t.u64", 2**63 + 5)
+    writer.add_int64("t.i64", -(2**62))
+    writer.add_float32("t.f32", 1e-5)
+    writer.add_float64("t.f64", 1 / 3)
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.str", "héllo 🙂")
+    writer.add_array("t.strs", ["a", "", "naïve", "🙂" * 3] * 50)
+    writer.add_array("t.ints", list(range(-5, 300)))
+    writer.add_array("t.floats", [0.1, -2.5, 1e-5])
+    writer.add_array("t.bools", [True, False, True])
+    writer.add_array("t.nested", [[1, 2], [3, 4, 5]])
+    writer.add_key_value("t.u16s", [1, 65535], GGUFValueType.ARRAY, sub_type=GGUFValueType.UINT16)
+    writer.add_tensor("a.weight", np.arange(6, dtype=np.float32).reshape(2, 3))
+    writer.add_tensor("b.weight", quantize(np.ones((2, 64), np.float32), Q.Q8_0), raw_dtype=Q.Q8_0)
+    writer.add_tensor("c.weight", np.ones(5, np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("alignment", [None, 64], ids=["default-alignment", "alignment-64"])
+def test_header_parser_equals_gguf_reader_on_every_value_type(tmp_path, alignment):
+    ours = assert_header_matches_gguf_reader(write_every_value_type(tmp_path / "all.gguf", alignment))
+    meta = ours.metadata
+    assert (meta["t.u64"], meta["t.i64"], meta["t.f32"], meta["t.f64"]) == (2**63 + 5, -(2**62), 1e-5, 1 / 3)
+    assert meta["t.str"] == "héllo 🙂" and meta["t.strs"][2:4] == ["naïve", "🙂" * 3]
+    assert meta["t.floats"] == [0.1, -2.5, 1e-5] and meta["t.bools"] == [True, False, True]
+    assert meta["t.nested"] == [[1, 2], [3, 4, 5]] and meta["t.u16s"] == [1, 65535]
+    assert ours.alignment == (alignment or 32) and ours.data_offset % ours.alignment == 0
+    assert {t.name: t.ggml_type for t in ours.tensors} == {"a.weight": "F32", "b.weight": "Q8_0", "c.weight": "F16"}
+
+
+def test_header_parser_equals_gguf_reader_on_a_checkpoint(tmp_path):
+    assert_header_matches_gguf_reader(write_gguf(tmp_path / "q.gguf", hf_weights(), qtype=Q.Q4_1))
+
+
+def test_version_2_is_read_and_other_versions_are_named(tmp_path):
+    data = bytearray(write_every_value_type(tmp_path / "v3.gguf").read_bytes())
+    data[4:8] = (2).to_bytes(4, "little")  # v2 and v3 share the layout (v3 added big-endian files)
+    assert parse_gguf(bytes(data)).version == 2
+    data[4:8] = (1).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="version 1 is not supported; supported: \\[2, 3\\]"):
+        parse_gguf(bytes(data))
+    data[4:8] = (3).to_bytes(4, "big")
+    with pytest.raises(ValueError, match="big-endian"):
+        parse_gguf(bytes(data))
+
+
+def test_every_truncation_of_the_header_is_an_error_naming_the_file(tmp_path):
+    data = write_gguf(tmp_path / "ok.gguf", hf_weights()).read_bytes()
+    header_end = open_gguf(tmp_path / "ok.gguf").data_offset
+    bad = tmp_path / "cut.gguf"
+    for cut in sorted({*range(0, header_end, 97), header_end - 1, header_end + 1, len(data) - 1}):
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="cut.gguf"):
+            open_gguf(bad)
+
+
+def test_corrupt_counts_and_types_are_errors_not_huge_allocations(tmp_path):
+    data = write_every_value_type(tmp_path / "ok.gguf").read_bytes()
+    kv_count_at, first_key_at = 16, 24
+    corruptions = {
+        "kv_count": (kv_count_at, (2**62).to_bytes(8, "little"), "truncated"),
+        "key_length": (first_key_at, (2**60).to_bytes(8, "little"), "truncated"),
+        "value_type": (first_key_at + 8 + len("general.architecture"), (77).to_bytes(4, "little"),
+                       "unknown metadata value type 77"),
+        "magic": (0, b"GGUX", "bad magic"),
+    }
+    for name, (at, patch, message) in corruptions.items():
+        bad = bytearray(data)
+        bad[at:at + len(patch)] = patch
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(bytes(bad))
+        with pytest.raises(ValueError, match=f"{name}.gguf.*{message}"):
+            open_gguf(path)
+
+
+def test_duplicate_key_bad_alignment_and_empty_file(tmp_path):
+    data = write_every_value_type(tmp_path / "ok.gguf").read_bytes()
+    renamed = data.replace(b"t.i8", b"t.u8", 1)  # two keys named t.u8
+    with pytest.raises(ValueError, match="duplicate metadata key 't.u8'"):
+        parse_gguf(renamed)
+    path = tmp_path / "align.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_uint32("general.alignment", 48)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="align.gguf.*power of two, got 48"):
+        open_gguf(path)
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.gguf.*empty"):
+        read_gguf(tmp_path / "empty.gguf")
+
+
+def test_gguf_fields_reads_our_header_and_gguf_readers_alike(tmp_path):
+    path = write_gguf(tmp_path / "tok.gguf", hf_weights())
+    ours = gguf_fields(open_gguf(path), "tokenizer.")
+    assert ours == gguf_fields(GGUFReader(path), "tokenizer.")
+    assert ours["tokenizer.ggml.tokens"] == TOKENS and "general.name" not in ours
+    from_reader = Tokenizer.from_gguf(GGUFReader(path))
+    assert from_reader.encode("héllo") == Tokenizer.from_gguf(path).encode("héllo")
+
+
 # ---------------------------------------------------------------- the real SmolLM2 file
 @pytest.fixture(scope="module")
 def smollm_gguf() -> Path:
@@ -360,3 +510,9 @@ def test_smollm2_matches_transformers_tensor_for_tensor(smollm_gguf):
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_key_value_heads"]) == (30, 576, 3)
     assert cfg["rope_theta"] == 100000.0 and cfg["tie_word_embeddings"] is True
     assert ckpt.tokenizer is not None and ckpt.tokenizer.eos_id == 2
+
+
+@pytest.mark.slow
+def test_smollm2_header_equals_gguf_reader(smollm_gguf):
+    ours = assert_header_matches_gguf_reader(smollm_gguf)
+    assert len(ours.metadata["tokenizer.ggml.tokens"]) == 49152 and len(ours.tensors) == 272

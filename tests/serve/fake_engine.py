@@ -236,21 +236,66 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class LiveServer:
+    """uvicorn serving `app` on 127.0.0.1:<free port> in a background thread."""
+
+    def __init__(self, app, timeout_s: float = 10.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.timeout_s = timeout_s
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + self.timeout_s
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, force: bool = False) -> None:
+        """Stop serving; `force` drops open connections at once (like a crash, minus the process)."""
+        self.server.should_exit = True
+        self.server.force_exit = force
+        self.thread.join(self.timeout_s)
+
+
 @contextlib.contextmanager
 def live_server(app, timeout_s: float = 10.0):
     """Run `app` with uvicorn on 127.0.0.1:<free port> in a thread; yields the base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout_s
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
+    server = LiveServer(app, timeout_s).start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server.url
     finally:
-        server.should_exit = True
-        thread.join(timeout_s)
+        server.stop()
+
+
+# ============================================================================ as a server process
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tests.serve.fake_engine --port N`: the API on the fake engine, with SIGTERM drain."""
+    import argparse
+
+    from lmsmith.serve.api import APIConfig, Backends, create_app, drain
+    from lmsmith.serve.server import run_server
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--token-delay", type=float, default=0.02)
+    parser.add_argument("--drain-timeout", type=float, default=10.0)
+    parser.add_argument("--reply", default=REPLY)
+    parser.add_argument("--api-key", action="append", default=[])
+    a = parser.parse_args(argv)
+    tokenizer = byte_tokenizer()
+    engine = FakeAsyncEngine(tokenizer, token_delay_s=a.token_delay, reply=a.reply, max_model_len=1024,
+                             num_kv_blocks=512)
+    app = create_app(Backends(engine=engine, tokenizer=tokenizer, model_name="fake"),
+                     APIConfig(api_keys=tuple(a.api_key)))
+    run_server(app, "127.0.0.1", a.port, lambda: drain(app, a.drain_timeout), log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -52,7 +52,7 @@ def test_overload_is_answered_with_429s_and_no_crash(server):
     async def burst():
         async with httpx.AsyncClient(base_url=url, timeout=60, trust_env=False,
                                      limits=httpx.Limits(max_connections=50)) as client:
-            return await asyncio.gather(*(one_stream(client, stream_request(12)) for _ in range(40)))
+            return await asyncio.gather(*(one_stream(client, stream_request(6)) for _ in range(40)))
 
     results = asyncio.run(burst())
     statuses = [status for status, _, _ in results]

@@ -373,7 +373,7 @@ def test_cancelled_closed_and_dropped_streams_abort_and_free_their_blocks():
 
     async def main():
         tasks = [asyncio.create_task(collect(engine.generate(PROMPTS[i % 2], long))) for i in range(24)]
-        await asyncio.sleep(0.2)
+        await wait_until(lambda: engine.stats()["generation_tokens_total"] >= 16)  # 8 running, 16 waiting
         for task in tasks:  # the client went away while its handler awaited the next output
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
