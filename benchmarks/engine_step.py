@@ -1,9 +1,11 @@
 """Decode-step time of the serving engine on the embedded SmolLM2-135M (fp32), at 1 / 8 / 32 sequences.
 
-One command:  python benchmarks/engine_step.py [--batch 1 8 32] [--prompt-tokens 64] [--steps 16] [--threads N]
+One command:  python benchmarks/engine_step.py [--batch 1 8 32] [--prompt-tokens 64] [--steps 16]
+                                               [--threads N]
 
 For each batch size B: B requests with different prompts of --prompt-tokens tokens are prefilled, then
---steps decode steps are timed (median). Printed per B:
+--steps decode steps are timed (median), alternating with steps of the peer so that a busy machine
+slows both alike. Printed per B:
   engine   `Engine.step()`: schedule + runner (paged gather/scatter, forward, sampling) + detokenize
   runner   `ModelRunner.execute` alone (the model forward over the paged cache, plus sampling)
   static   the peer: one decode step of the same model over lmsmith's StaticKVCache (what
@@ -28,20 +30,22 @@ def prompts(tok, batch: int, length: int) -> list[list[int]]:
     return [ids[i * 7:i * 7 + length] for i in range(batch)]
 
 
-def time_engine(model, tok, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
+def start_engine(model, tok, batch: int, prompt_len: int, steps: int):
+    """An engine with B requests, prefilled and one decode in; its runner records execute() times."""
     from lmsmith.serve.engine import Engine, EngineConfig
     from lmsmith.serve.request import SamplingParams
 
     config = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * prompt_len),
-                          num_blocks=batch * (-(-(prompt_len + steps + 8) // 16)), enable_prefix_caching=False)
+                          num_blocks=batch * (-(-(prompt_len + steps + 8) // 16)),
+                          enable_prefix_caching=False)
     engine = Engine(model, tok, config)
-    runner_times: list[float] = []
+    engine.runner_times = []
     execute = engine.runner.execute
 
     def timed_execute(*args):
         start = time.perf_counter()
         out = execute(*args)
-        runner_times.append(time.perf_counter() - start)
+        engine.runner_times.append(time.perf_counter() - start)
         return out
 
     engine.runner.execute = timed_execute
@@ -49,32 +53,47 @@ def time_engine(model, tok, batch: int, prompt_len: int, steps: int) -> tuple[fl
         engine.add_request(f"r{i}", p, SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True))
     engine.step()  # prefill everything
     engine.step()  # warm-up decode
-    step_times = []
+    return engine
+
+
+class StaticDecoder:
+    """The peer: lmsmith's StaticKVCache decode loop (what lmsmith.generate runs), greedy."""
+
+    @torch.inference_mode()
+    def __init__(self, model, tok, batch: int, prompt_len: int, steps: int):
+        from lmsmith.model.cache import StaticKVCache
+
+        self.model, self.batch = model, batch
+        ids = torch.tensor(prompts(tok, batch, prompt_len))
+        self.cache = StaticKVCache(model.config, batch, prompt_len + steps + 4, dtype=model.dtype)
+        self.token = model(ids, cache=self.cache, logits_to_keep=1).logits[:, -1].argmax(-1)
+        self.step()  # warm-up decode
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self.token = self.model(self.token.view(self.batch, 1), cache=self.cache).logits[:, -1].argmax(-1)
+
+
+def measure(model, tok, batch: int, prompt_len: int, steps: int) -> dict[str, float]:
+    """Median step times; engine and peer steps alternate, so machine load hits both alike."""
+    engine = start_engine(model, tok, batch, prompt_len, steps)
+    static = StaticDecoder(model, tok, batch, prompt_len, steps)
+    engine_times, static_times = [], []
     for _ in range(steps):
         start = time.perf_counter()
         outputs = engine.step()
-        step_times.append(time.perf_counter() - start)
+        engine_times.append(time.perf_counter() - start)
         assert len(outputs) == batch, "every sequence should decode in every timed step"
-    return statistics.median(step_times), statistics.median(runner_times[2:])
-
-
-@torch.inference_mode()
-def time_static(model, tok, batch: int, prompt_len: int, steps: int) -> float:
-    from lmsmith.model.cache import StaticKVCache
-
-    ids = torch.tensor(prompts(tok, batch, prompt_len))
-    cache = StaticKVCache(model.config, batch, prompt_len + steps + 2, dtype=model.dtype)
-    token = model(ids, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1)
-    times = []
-    for _ in range(steps + 1):
         start = time.perf_counter()
-        token = model(token.view(batch, 1), cache=cache).logits[:, -1].argmax(-1)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+        static.step()
+        static_times.append(time.perf_counter() - start)
+    return {"engine": statistics.median(engine_times), "runner": statistics.median(engine.runner_times[2:]),
+            "static": statistics.median(static_times)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=16)
@@ -89,8 +108,8 @@ def main() -> None:
           f"median of {args.steps} decode steps")
     print(f"{'B':>3} {'engine ms':>10} {'runner ms':>10} {'static ms':>10} {'ratio':>6} {'tok/s':>8}")
     for batch in args.batch:
-        engine_s, runner_s = time_engine(model, tok, batch, args.prompt_tokens, args.steps)
-        static_s = time_static(model, tok, batch, args.prompt_tokens, args.steps)
+        t = measure(model, tok, batch, args.prompt_tokens, args.steps)
+        engine_s, runner_s, static_s = t["engine"], t["runner"], t["static"]
         print(f"{batch:>3} {engine_s * 1e3:>10.1f} {runner_s * 1e3:>10.1f} {static_s * 1e3:>10.1f} "
               f"{engine_s / static_s:>6.2f} {batch / engine_s:>8.0f}", flush=True)
 

@@ -261,11 +261,22 @@ class MemoryTracker:
 
 
 def _reset_peak_rss() -> bool:
+    _release_free_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
         return True
     except OSError:
         return False
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc), so earlier runs' freed buffers do not hide growth."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _rss_bytes(field_name: str) -> int:

@@ -480,10 +480,16 @@ def hf_tensors(gguf_file: GGUFFile, arch: GGUFArch, config: Mapping[str, Any]) -
 
 
 def read_tensor_bytes(f: BinaryIO, info: GGUFTensorInfo, path: str | os.PathLike = "") -> torch.Tensor:
-    """The raw bytes of one tensor as a fresh uint8 tensor (one read straight into its memory)."""
+    """The raw bytes of one tensor as a fresh uint8 tensor, read straight into its memory."""
     raw = torch.empty(info.n_bytes, dtype=torch.uint8)
+    target = memoryview(raw.numpy())
     f.seek(info.offset)
-    got = f.readinto(raw.numpy())
+    got = 0
+    while got < info.n_bytes:  # one read() returns at most ~2 GiB on Linux
+        n = f.readinto(target[got:])
+        if not n:
+            break
+        got += n
     if got != info.n_bytes:  # the file shrank since its header was parsed
         raise ValueError(f"{path}: truncated: tensor {info.name!r} has {got} of {info.n_bytes} bytes")
     return raw

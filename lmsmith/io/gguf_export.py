@@ -338,7 +338,7 @@ def _value_type(key: str, value: Any) -> tuple[GGUFValueType, GGUFValueType | No
     """(type, array element type) to write a metadata value with."""
     if key in _TOKENIZER_ARRAY_TYPES:
         return GGUFValueType.ARRAY, _TOKENIZER_ARRAY_TYPES[key]
-    if key.endswith("_token_id") or key.endswith("token_type_count"):
+    if key.endswith(("_token_id", "token_type_count")):
         return GGUFValueType.UINT32, None
     if isinstance(value, (list, tuple)):
         return GGUFValueType.ARRAY, GGUFValueType.get_type(value[0])

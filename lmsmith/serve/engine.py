@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch.nn as nn
+from torch import nn
 
 from ..generate import held_back
 from ..tokenizer import StreamDecoder
@@ -111,7 +111,8 @@ def resolve_num_blocks(config: EngineConfig, model: nn.Module, max_model_len: in
     per_block = kv_bytes_per_block(model.config, config.block_size, _kv_dtype(model))
     budget = int(config.kv_cache_memory_mb * 2**20) // per_block
     if budget < 1:
-        raise ValueError(f"kv_cache_memory_mb={config.kv_cache_memory_mb} holds no block of {per_block} bytes")
+        raise ValueError(
+            f"kv_cache_memory_mb={config.kv_cache_memory_mb} holds no block of {per_block} bytes")
     return min(budget, config.max_num_seqs * blocks_for_tokens(max_model_len, config.block_size))
 
 
@@ -156,8 +157,9 @@ class Engine:
 
     # -- requests in and out (any thread) --
 
-    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
-                    priority: int = 0, deadline: float | None = None) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                    params: SamplingParams | None = None, priority: int = 0,
+                    deadline: float | None = None) -> None:
         """Queue a request. ValueError for bad input, QueueFullError when the queue is full.
 
         deadline: an absolute time on the engine clock (`time.monotonic()`); earlier goes first
@@ -315,7 +317,8 @@ class Engine:
                 error: str | None = None) -> RequestOutput:
         r = tracked.request
         return RequestOutput(
-            request_id=r.request_id, new_token_ids=new_ids, new_text=new_text, text=tracked.text[:tracked.sent],
+            request_id=r.request_id, new_token_ids=new_ids, new_text=new_text,
+            text=tracked.text[:tracked.sent],
             finished=r.is_finished, finish_reason=finish_reason, prompt_tokens=r.num_prompt_tokens,
             completion_tokens=r.num_output_tokens, cached_tokens=tracked.cached_tokens or 0,
             arrival_time=r.arrival_time, first_token_time=r.first_token_time, finish_time=r.finish_time,
@@ -443,8 +446,9 @@ class AsyncEngine:
 
     # -- requests --
 
-    def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None, priority: int = 0,
-                 request_id: str | None = None, deadline: float | None = None) -> RequestStream:
+    def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
+                 priority: int = 0, request_id: str | None = None,
+                 deadline: float | None = None) -> RequestStream:
         """Enqueue a request now (raises EngineDrainingError, QueueFullError or ValueError here) and
         return the stream of its outputs. Call from a coroutine: outputs go to the running loop."""
         if self._draining or self._stopping.is_set():

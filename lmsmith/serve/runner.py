@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..model.config import ModelConfig
 from ..sampling import SamplingSettings, make_generator, sample
@@ -195,7 +195,8 @@ class ModelRunner:
                            self.config.sliding_window, self.device)
         for s in scheduled:
             if len(s.token_ids) != s.num_new_tokens:
-                raise ValueError(f"{s.request_id}: {len(s.token_ids)} token ids for {s.num_new_tokens} tokens")
+                raise ValueError(
+                    f"{s.request_id}: {len(s.token_ids)} token ids for {s.num_new_tokens} tokens")
         T = layout.positions.shape[1]
         padded = [list(s.token_ids) + [0] * (T - s.num_new_tokens) for s in scheduled]
         input_ids = torch.tensor(padded, dtype=torch.long).to(self.device, non_blocking=True)  # (B, T)

@@ -88,16 +88,24 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
 
 
 def serve_options(options: ServeOptions) -> None:
+    """Serve until drained by a signal; RuntimeError if the models failed to load."""
     if options.replicas > 1:
         return serve_replicated(options)
+    error = serve_one(options)
+    if error is not None:
+        raise RuntimeError(f"the server stopped: model loading failed ({error})")
+
+
+def serve_one(options: ServeOptions, parent_pid: int | None = None) -> str | None:
+    """One API server process; returns the loading error if it stopped because loading failed."""
     if options.threads:
         import torch
         torch.set_num_threads(options.threads)
     app = create_app(lambda: build_backends(options), api_config(options))
+    state = app.state.lmsmith
     failed = run_server(app, options.host, options.port, lambda: drain(app, options.drain_timeout_s),
-                        options.log_level, is_failed=lambda: app.state.lmsmith.phase == "failed")
-    if failed:
-        raise RuntimeError(f"the server stopped: model loading failed ({app.state.lmsmith.error})")
+                        options.log_level, is_failed=lambda: state.phase == "failed", parent_pid=parent_pid)
+    return state.error if failed else None
 
 
 def api_config(options: ServeOptions) -> APIConfig:
@@ -289,14 +297,8 @@ def main() -> int:
     fields["api_keys"] = tuple(fields.get("api_keys") or ())
     options = ServeOptions(**fields)
     logging.basicConfig(level=options.log_level.upper())
-    if options.threads:
-        import torch
-        torch.set_num_threads(options.threads)
     parent = int(os.environ[PARENT_PID_ENV]) if os.environ.get(PARENT_PID_ENV) else None
-    app = create_app(lambda: build_backends(options), api_config(options))
-    failed = run_server(app, options.host, options.port, lambda: drain(app, options.drain_timeout_s),
-                        options.log_level, is_failed=lambda: app.state.lmsmith.phase == "failed", parent_pid=parent)
-    return 1 if failed else 0
+    return 1 if serve_one(options, parent_pid=parent) is not None else 0
 
 
 if __name__ == "__main__":

@@ -24,8 +24,17 @@ from typing import Any
 import torch.nn as nn
 
 from . import distributed as D
-from .build import CLASSIFICATION, LM_OBJECTIVES, build_model, build_objective, build_tokenizer, load_splits
-from .build import prepare_data, scratch_config, texts_of
+from .build import (
+    CLASSIFICATION,
+    LM_OBJECTIVES,
+    build_model,
+    build_objective,
+    build_tokenizer,
+    load_splits,
+    prepare_data,
+    scratch_config,
+    texts_of,
+)
 from .loop import TrainResult, evaluate, planned_steps, train
 from .objectives import MODEL_TASKS, Distillation
 from .recipes import RunConfig, load_recipe, peft_config, to_dict, to_yaml

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -271,7 +271,8 @@ def encode_split(records: Sequence, objective: str, tokenizer: Tokenizer, sectio
     if objective == "masked-lm":
         return D.FeatureDataset(D.encode_texts(texts_of(records), tokenizer, section.max_length))
     if objective == "sequence-classification":
-        return D.FeatureDataset(D.encode_classification(records, tokenizer, labels, section.max_length))
+        named = [r if r.label is None or isinstance(r.label, str) else replace(r, label=str(r.label)) for r in records]
+        return D.FeatureDataset(D.encode_classification(named, tokenizer, labels, section.max_length))
     if objective == "token-classification":
         return D.FeatureDataset(D.encode_tagged(records, tokenizer, labels, section.max_length))
     return D.FeatureDataset([D.encode_chat(r["messages"], tokenizer, section.max_length) for r in records])

@@ -12,7 +12,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 def _setup(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,8 @@ def _setup(p: argparse.ArgumentParser) -> None:
 
 def _run(verb: str) -> Callable[[argparse.Namespace], None]:
     def run(a: argparse.Namespace) -> None:
-        from .api import resolve_config, run as run_recipe
+        from .api import resolve_config
+        from .api import run as run_recipe
         from .loop import NonFiniteLossError
         from .recipes import to_yaml
 

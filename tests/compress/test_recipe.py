@@ -174,3 +174,20 @@ def test_cli_verb_parses_recipe_and_overrides():
     args = parser.parse_args(["my.yaml", "output=x", "steps.0.quantize.method=int4"])
     assert args.recipe == "my.yaml" and args.overrides == ["output=x", "steps.0.quantize.method=int4"]
     assert "compression recipe" in help_text and callable(run)
+
+
+def test_cli_runs_a_recipe_file_and_reports_a_failed_gate_cleanly(tiny_lm_folder, tmp_path, capsys):
+    from lmsmith.cli import main
+
+    recipe = lm_recipe(tiny_lm_folder, tmp_path / "out", [{"quantize": {"method": "int8"}}])
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["compress", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 01-quantize |" in out and f"final artifact: {tmp_path / 'out' / '01-quantize'}" in out
+    # a gate no model can pass: perplexity must fall to a tenth
+    assert main(["compress", str(path), f"output={tmp_path / 'gated'}",
+                 "steps.0.quantize.gate={perplexity: {max_ratio: 0.1}}"]) == 2
+    err = capsys.readouterr().err
+    assert "lmsmith compress: error:" in err and "quality gate failed: perplexity" in err
+    assert "Kept the last passing artifact: the source model" in err

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, TokenType
+from gguf.quants import dequantize, quantize
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 from tokenizers.pre_tokenizers import ByteLevel
@@ -44,11 +46,11 @@ MODEL_VOCAB = VOCAB + 5  # embedding rows past the vocabulary, as many checkpoin
 
 
 def tiny_config(family: str = "llama", **changes) -> ModelConfig:
-    base = dict(vocab_size=MODEL_VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                intermediate_size=96, max_position_embeddings=128, rope_theta=50000.0, norm_eps=1e-5,
-                tie_word_embeddings=True, family=family, name="tiny-export",
-                attn_qkv_bias=family == "qwen2", eos_token_id=2)
-    return ModelConfig(**{**base, **changes})
+    base = ModelConfig(vocab_size=MODEL_VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=96, max_position_embeddings=128, rope_theta=50000.0, norm_eps=1e-5,
+                       tie_word_embeddings=True, family=family, name="tiny-export",
+                       attn_qkv_bias=family == "qwen2", eos_token_id=2)
+    return base.replace(**changes)
 
 
 def tiny_model(config: ModelConfig | None = None, seed: int = 0) -> Transformer:
@@ -126,14 +128,25 @@ def test_f32_round_trip_is_exact(tmp_path):
     assert torch.equal(logits(again), logits(model))
 
 
-@pytest.mark.parametrize("quant, tolerance", [("f16", 0.01), ("q8_0", 0.05), ("q4_0", 0.3)])
+@pytest.mark.parametrize("quant, tolerance", [("f16", 0.005), ("q8_0", 0.05), ("q4_0", 0.4)])
 def test_quantized_round_trip_is_close(tmp_path, quant, tolerance):
     model = tiny_model()
     expected = logits(model)
     got = logits(reload(export_gguf(model, None, tmp_path / f"{quant}.gguf", quant=quant)))
     relative = (got - expected).abs().max() / expected.abs().max()
-    print(quant, float(relative))
     assert 0 < relative < tolerance, relative
+
+
+@pytest.mark.parametrize("quant, qtype", [("q8_0", Q.Q8_0), ("q4_0", Q.Q4_0)])
+def test_quantized_weights_are_exactly_ggufs_quantize_then_dequantize(tmp_path, quant, qtype):
+    model = tiny_model()
+    tensors = read_gguf(export_gguf(model, None, tmp_path / f"{quant}.gguf", quant=quant)).tensors
+    for ours, hf in (("layers.1.mlp.up_proj", "model.layers.1.mlp.up_proj"),
+                     ("layers.0.attn.q_proj", "model.layers.0.self_attn.q_proj")):  # q: permuted, then back
+        w = model.get_submodule(ours).weight.detach().numpy()
+        expected = dequantize(quantize(w, qtype), qtype)  # blocks run along rows: permuting rows commutes
+        assert np.array_equal(tensors[f"{hf}.weight"].numpy(), expected), ours
+    assert torch.equal(tensors["model.norm.weight"], model.norm.weight.detach())  # norms stay F32
 
 
 def test_q4_0_keeps_the_output_matrix_at_q8_0(tmp_path):

@@ -7,8 +7,18 @@ import random
 
 import pytest
 
-from lmsmith.serve.bench import (BenchConfig, LengthDist, RequestRecord, build_report, check_loopback, format_table,
-                                 make_prompt, meets_slo, percentile, run_bench)
+from lmsmith.serve.bench import (
+    BenchConfig,
+    LengthDist,
+    RequestRecord,
+    build_report,
+    check_loopback,
+    format_table,
+    make_prompt,
+    meets_slo,
+    percentile,
+    run_bench,
+)
 from lmsmith.serve.cli_verbs import VERBS, api_keys_from
 
 from .fake_engine import live_server
@@ -95,7 +105,7 @@ def test_percentiles_lengths_and_slo():
 def parser_for(verb: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="verb", required=True)
-    help_text, setup, run = VERBS[verb]
+    help_text, setup, _ = VERBS[verb]
     setup(sub.add_parser(verb, help=help_text))
     return parser
 

@@ -42,18 +42,23 @@ def test_no_server_errors(api, mode):
     for operation in operations(schema):
         if operation.path == "/metrics" or (mode == GenerationMode.NEGATIVE and operation.method.upper() == "GET"):
             continue  # GETs take no input: nothing to make invalid
-
-        @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy(generation_mode=mode))
-        def check(case) -> None:
-            response = case.call(base_url=url, session=session, timeout=30)
-            statuses.setdefault(operation.path, set()).add(response.status_code)
-            assert response.status_code < 500, (case.body, response.status_code, response.text)
-            if response.status_code >= 400:
-                assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-
-        check()
+        fuzz(operation, mode, url, session, statuses)
     assert statuses["/v1/completions"]  # the fuzzer did reach the endpoints
     if mode == GenerationMode.NEGATIVE:
         assert 400 in statuses["/v1/chat/completions"]  # invalid bodies were rejected, not crashed on
+
+
+def fuzz(operation, mode, url: str, session, statuses: dict[str, set[int]]) -> None:
+    """Call `operation` with MAX_EXAMPLES generated requests; no answer may be a 5xx."""
+
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def check(case) -> None:
+        response = case.call(base_url=url, session=session, timeout=30)
+        statuses.setdefault(operation.path, set()).add(response.status_code)
+        assert response.status_code < 500, (case.body, response.status_code, response.text)
+        if response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()

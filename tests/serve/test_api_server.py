@@ -227,20 +227,19 @@ def test_router_fails_over_when_a_replica_goes_away(replicas):
 
 @pytest.mark.slow  # multi-process
 def test_router_survives_a_killed_replica_process():
-    with fake_server_processes(2) as [(proc_a, url_a), (_, url_b)]:
-        with router_for([url_a, url_b]) as router:
-            wait_healthy(router, [True, True])
-            reader = StreamReader(router, long_stream(400))  # goes to replica a (round-robin starts there)
-            reader.start()
-            assert reader.first_frame.wait(10)
-            proc_a.kill()  # SIGKILL mid-stream
-            reader.join(10)
-            assert reader.frames[-1] == "[DONE]" and reader.frames[-2]["error"]["code"] == "replica_failed"
-            for _ in range(4):
-                response = httpx.post(f"{router}/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
-                                      trust_env=False, timeout=30)
-                assert response.status_code == 200
-            wait_healthy(router, [False, True])
+    with fake_server_processes(2) as [(proc_a, url_a), (_, url_b)], router_for([url_a, url_b]) as router:
+        wait_healthy(router, [True, True])
+        reader = StreamReader(router, long_stream(400))  # goes to replica a (round-robin starts there)
+        reader.start()
+        assert reader.first_frame.wait(10)
+        proc_a.kill()  # SIGKILL mid-stream
+        reader.join(10)
+        assert reader.frames[-1] == "[DONE]" and reader.frames[-2]["error"]["code"] == "replica_failed"
+        for _ in range(4):
+            response = httpx.post(f"{router}/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                                  trust_env=False, timeout=30)
+            assert response.status_code == 200
+        wait_healthy(router, [False, True])
 
 
 # ============================================================================ serve(replicas=N), real engine

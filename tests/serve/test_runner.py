@@ -14,7 +14,7 @@ BLOCK = 4
 
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy machine OpenMP spinning makes them ~100x slower."""
+    """Tiny matmuls gain nothing from threads; on a busy machine OpenMP spinning makes them ~100x slower."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -67,7 +67,7 @@ def test_plan_step_slots_positions_and_mask():
     assert lay.positions.tolist() == [[1, 2], [0, 0]]  # row 1's padding query repeats its last position
     assert lay.write_slots.tolist() == [3 * 2 + 1, 1 * 2 + 0, 0]
     assert lay.write_rows.tolist() == [0, 1, 2]  # flat (B*T) index 3 is row 1's padding
-    assert lay.gather_slots.view(2, 3).tolist() == [[6, 7, 2], [0, 0, 0]]  # row 1 pads by re-reading a real key
+    assert lay.gather_slots.view(2, 3).tolist() == [[6, 7, 2], [0, 0, 0]]  # row 1 pads re-reading a key
     assert lay.mask.shape == (2, 1, 2, 3)
     assert lay.mask[0, 0].tolist() == [[True, True, False], [True, True, True]]
     assert lay.mask[1, 0].tolist() == [[True, False, False], [True, False, False]]

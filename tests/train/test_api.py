@@ -192,3 +192,32 @@ def test_cli_verbs(tmp_path, corpus, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == 2 and out["model"].endswith("model")
     assert to_dict(load_recipe(str(recipe)))["train"]["max_steps"] == 2
+
+
+def test_integer_labels_in_a_data_file_become_class_names(tmp_path, pretrained_bert):
+    from lmsmith.train.build import load_splits, prepare_data
+
+    rows = [{"text": f"the cat {'happy' if i % 2 else 'sad'}", "stars": i % 2} for i in range(20)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tiny_recipe(tmp_path, tmp_path / "rows.jsonl", "sequence-classification")
+    recipe["model"] = {"source": str(pretrained_bert.model_dir)}
+    recipe.pop("tokenizer")
+    recipe["data"]["columns"] = {"text": "text", "label": "stars"}
+    config = load_recipe(recipe)
+    splits, labels = load_splits(config.data, config.objective)
+    assert labels == ("0", "1")
+    _, tokenizer = load(pretrained_bert.model_dir)
+    data = prepare_data(config, tokenizer, splits, labels)
+    assert sorted({int(f["label"]) for f in data.train.dataset.features}) == [0, 1]
+    with pytest.raises(FileNotFoundError, match="neither a registered data set"):
+        load_splits(load_recipe(recipe, ["data.source=/no/such/file.jsonl"]).data, config.objective)
+
+
+def test_continued_pretraining_starts_from_the_source_weights(tmp_path, corpus, pretrained_llama):
+    recipe = tiny_recipe(tmp_path, corpus, max_steps=3, lr=1e-9)  # lr ~0: the weights barely move
+    recipe["model"] = {"source": str(pretrained_llama.model_dir)}
+    recipe.pop("tokenizer")
+    result = pretrain(recipe)
+    assert result.test["loss"] == pytest.approx(pretrained_llama.test["loss"], abs=1e-4)
+    model, _ = load(result.model_dir)
+    assert model.manifest["source"] == str(pretrained_llama.model_dir)

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from lmsmith.data import MLMCollator, PackedDataset
 from lmsmith.model.config import PRESETS
@@ -13,7 +12,13 @@ from lmsmith.model.transformer import Transformer
 from lmsmith.train import state as S
 from lmsmith.train.build import collate_blocks
 from lmsmith.train.loop import (
-    NonFiniteLossError, TrainData, TrainSettings, lr_multiplier, parameter_groups, read_metrics, train,
+    NonFiniteLossError,
+    TrainData,
+    TrainSettings,
+    lr_multiplier,
+    parameter_groups,
+    read_metrics,
+    train,
 )
 from lmsmith.train.objectives import causal_lm, masked_lm
 from lmsmith.train.peft import AdaLoraConfig, active_ranks, apply_peft, peft_callbacks

@@ -10,8 +10,17 @@ from lmsmith.model.config import PRESETS
 from lmsmith.model.transformer import Transformer
 from lmsmith.tokenizer import Tokenizer
 from lmsmith.train.objectives import (
-    Distillation, causal_lm, chat_sft, classification_scores, distillation_kl, hidden_mse, masked_lm,
-    objective_for, sequence_classification, token_classification, token_cross_entropy,
+    Distillation,
+    causal_lm,
+    chat_sft,
+    classification_scores,
+    distillation_kl,
+    hidden_mse,
+    masked_lm,
+    objective_for,
+    sequence_classification,
+    token_classification,
+    token_cross_entropy,
 )
 
 from .conftest import save_chat_tokenizer
@@ -80,6 +89,7 @@ def test_sequence_classification_loss_and_metrics():
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 2, 1])}
     objective = sequence_classification(LABELS)
     loss, metrics = objective(model, batch)
+    assert 0 <= metrics["accuracy"] <= 1
     logits = model(ids, attention_mask=batch["attention_mask"]).logits
     assert torch.allclose(loss, F.cross_entropy(logits, batch["labels"]), atol=1e-6)
     result = objective.evaluate(model, [batch])
@@ -164,7 +174,8 @@ def test_distillation_hidden_state_term_and_errors():
     batch = {"input_ids": ids, "labels": ids}
     with_hidden = Distillation(causal_lm(), student, alpha=0.5, hidden_weight=2.0)
     loss, metrics = with_hidden(student, batch)
-    assert metrics["hidden_mse"] == pytest.approx(0.0, abs=1e-10)
+    assert metrics["hidden_mse"] == pytest.approx(0.0, abs=1e-10)  # a student is its own perfect teacher
+    assert float(loss) == pytest.approx(0.5 * metrics["task_loss"], rel=1e-5)
     wide = torch.randn(2, 8, 64)
     with pytest.raises(ValueError, match="projection"):
         hidden_mse(torch.randn(2, 8, 32), wide)

@@ -6,7 +6,14 @@ import yaml
 
 from lmsmith.train.peft import AdaLoraConfig, LoraConfig
 from lmsmith.train.recipes import (
-    RunConfig, apply_overrides, from_dict, load_recipe, parse_overrides, peft_config, shipped_recipes, to_dict,
+    RunConfig,
+    apply_overrides,
+    from_dict,
+    load_recipe,
+    parse_overrides,
+    peft_config,
+    shipped_recipes,
+    to_dict,
     to_yaml,
 )
 
