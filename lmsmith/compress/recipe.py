@@ -457,8 +457,13 @@ def run_finetune(model, s: FinetuneStep, run: StepRun):
     return model, {"train": _train_summary(result)}
 
 
+def _calibration_for(model, run: StepRun) -> list[dict]:
+    device = next(model.parameters()).device
+    return [{k: v.to(device) for k, v in batch.items()} for batch in run.data.calibration]
+
+
 def run_prune(model, s: PruneStep, run: StepRun):
-    calibration = run.data.calibration if s.method.endswith("wanda") else None
+    calibration = _calibration_for(model, run) if s.method.endswith("wanda") else None
     layers = prune_model(model, s.method, s.sparsity, targets=s.targets, exclude=s.exclude,
                          calibration=calibration, n=s.n, m=s.m)
     remove_masks(model)  # the zeros stay in the weights; masks only matter for further training
@@ -471,7 +476,7 @@ def run_structured(model, s: StructuredStep, run: StepRun):
     needs_calibration = s.importance == "calibration" or (isinstance(s.layers, int) and s.layers > 0)
     record = structured_prune(model, heads=s.heads, neurons=s.neurons, layers=s.layers, head_unit=s.head_unit,
                               importance=s.importance,
-                              calibration=run.data.calibration if needs_calibration else None)
+                              calibration=_calibration_for(model, run) if needs_calibration else None)
     return model, record
 
 
@@ -497,7 +502,7 @@ def run_distill(teacher, s: DistillStep, run: StepRun):
 
 
 def run_quantize(model, s: QuantizeStep, run: StepRun):
-    calibration = run.data.calibration if s.method.startswith("gptq") else None
+    calibration = _calibration_for(model, run) if s.method.startswith("gptq") else None
     config = quantize_model(model, s.method, group_size=s.group_size, symmetric=s.symmetric, targets=s.targets,
                             exclude=s.exclude, calibration=calibration)
     return model, {"method": config.method, "bits": config.bits, "group_size": config.group_size,

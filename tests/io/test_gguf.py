@@ -323,6 +323,16 @@ def test_missing_shape_metadata_is_named(tmp_path):
         read_gguf(path)
 
 
+def test_decoding_leaves_the_thread_setting_as_it_was(tmp_path):
+    before = torch.get_num_threads()
+    read_gguf(write_gguf(tmp_path / "ok.gguf", hf_weights(), qtype=Q.Q4_1))
+    assert torch.get_num_threads() == before
+    ints = write_gguf(tmp_path / "ints.gguf", {}, extra_tensors={"blk.0.attn_norm.weight": np.ones(32, np.int32)})
+    with pytest.raises(ValueError):
+        read_gguf(ints)  # fails mid-decode
+    assert torch.get_num_threads() == before
+
+
 def test_unknown_tensor_and_undequantizable_type_are_errors(tmp_path):
     experts = {"blk.0.ffn_gate_exps.weight": np.ones((2, 32), np.float32)}
     extra = write_gguf(tmp_path / "extra.gguf", {}, extra_tensors=experts)
