@@ -163,11 +163,10 @@ def priority_rows(url: str, load: int, new_tokens: int, repeats: int) -> list[di
 
 
 # ---------------------------------------------------------------------------- transformers static batches
-def transformers_worker(concurrency: int, new_tokens: int, rounds: int, threads: int | None) -> dict:
-    import random
-
+def transformers_worker(concurrencies: list[int], new_tokens: int, rounds: int, threads: int | None) -> dict:
+    """Load the model once; per concurrency, `rounds` static batches (after one warm-up batch)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lmsmith.api import resolve
 
@@ -177,6 +176,14 @@ def transformers_worker(concurrency: int, new_tokens: int, rounds: int, threads:
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return {str(c): static_batches(model, tok, c, new_tokens, rounds) for c in concurrencies}
+
+
+def static_batches(model, tok, concurrency: int, new_tokens: int, rounds: int) -> dict:
+    import random
+
+    import torch
+    from transformers import StoppingCriteria
 
     class Clock(StoppingCriteria):  # called once per generated token (for the whole batch)
         def __init__(self):
@@ -189,8 +196,7 @@ def transformers_worker(concurrency: int, new_tokens: int, rounds: int, threads:
     rng = random.Random(0)
     records, total_s, prompt_tokens = [], 0.0, 0
     for round_index in range(rounds + 1):  # round 0 warms up
-        prompts = [make_prompt(PROMPT_WORDS, rng) for _ in range(concurrency)]
-        enc = tok(prompts, return_tensors="pt", padding=True)
+        enc = tok([make_prompt(PROMPT_WORDS, rng) for _ in range(concurrency)], return_tensors="pt", padding=True)
         clock = Clock()
         start = time.perf_counter()
         with torch.inference_mode():
@@ -209,14 +215,15 @@ def transformers_worker(concurrency: int, new_tokens: int, rounds: int, threads:
 def transformers_rows(concurrencies: list[int], new_tokens: int, rounds: int, threads: int | None) -> list[dict]:
     from lmsmith.serve.bench import RequestRecord
 
+    cmd = [sys.executable, __file__, "--hf-worker", ",".join(map(str, concurrencies)), "--new-tokens",
+           str(new_tokens), "--rounds", str(rounds)] + (["--threads", str(threads)] if threads else [])
+    results = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     rows = []
     for c in concurrencies:
-        cmd = [sys.executable, __file__, "--hf-worker", str(c), "--new-tokens", str(new_tokens),
-               "--rounds", str(rounds)] + (["--threads", str(threads)] if threads else [])
-        out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        out = results[str(c)]
+        per_request_prompt = out["prompt_tokens"] // max(len(out["records"]), 1)
         records = [RequestRecord(ok=True, ttft_s=r["ttft"], e2e_s=r["e2e"], itl_s=r["gaps"],
-                                 output_tokens=new_tokens, prompt_tokens=out["prompt_tokens"] // len(out["records"]))
-                   for r in out["records"]]
+                                 output_tokens=new_tokens, prompt_tokens=per_request_prompt) for r in out["records"]]
         report = build_report(records, out["seconds"], BenchConfig(num_requests=len(records), concurrency=c))
         rows.append(row_from_report("transformers (static batch)", c, report))
         print(f"  transformers c={c}: {report['output_tokens_per_s']:.1f} tok/s", flush=True)
@@ -256,10 +263,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--json", default=None, help="also write all rows to this file")
-    parser.add_argument("--hf-worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)  # "1,8,32": run in a subprocess
     a = parser.parse_args()
     if a.hf_worker is not None:
-        print(json.dumps(transformers_worker(a.hf_worker, a.new_tokens, a.rounds, a.threads)))
+        concurrencies = [int(c) for c in a.hf_worker.split(",")]
+        print(json.dumps(transformers_worker(concurrencies, a.new_tokens, a.rounds, a.threads)))
         return
     if a.quick:
         a.new_tokens, a.concurrency = min(a.new_tokens, 32), [c for c in a.concurrency if c <= 8] or [1]

@@ -16,6 +16,7 @@ bit j of qh is the fifth bit of value j.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -30,7 +31,7 @@ _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)  # bit i of a byte: (byte >> i)
 def tensor_nbytes(qtype: GGMLQuantizationType, shape: Sequence[int]) -> int:
     """Bytes a tensor of this type and (row-major) shape occupies; ValueError if rows split a block."""
     block_size, type_size = GGML_QUANT_SIZES[qtype]
-    n_elements = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    n_elements = math.prod(shape)  # Python ints: corrupt dims must not wrap around
     row = shape[-1] if len(shape) else 1
     if row % block_size:
         raise ValueError(f"row length {row} is not a multiple of the {qtype.name} block size {block_size}")

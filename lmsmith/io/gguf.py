@@ -138,7 +138,19 @@ class GGUFCheckpoint:
 def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """Read a GGUF checkpoint: config, dequantized HF-named tensors, metadata and tokenizer."""
     gguf_file = open_gguf(path)
-    metadata = gguf_file.metadata
+    try:
+        return _checkpoint(gguf_file)
+    except NotImplementedError:  # a valid file using something we do not support (e.g. its tokenizer)
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as err:
+        # A header that parses but describes an impossible model (corrupt values): name the file.
+        if str(gguf_file.path) in str(err):
+            raise
+        raise ValueError(f"{gguf_file.path}: {err}") from err
+
+
+def _checkpoint(gguf_file: GGUFFile) -> GGUFCheckpoint:
+    metadata, path = gguf_file.metadata, gguf_file.path
     arch_name = metadata.get("general.architecture")
     if arch_name not in ARCHITECTURES:
         raise ValueError(
@@ -149,7 +161,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     _check_required(config, arch_name, path)
     tensors = hf_tensors(gguf_file, arch, config)
     tokenizer = tokenizer_from_gguf_metadata(metadata) if "tokenizer.ggml.tokens" in metadata else None
-    return GGUFCheckpoint(Path(path), arch_name, config, tensors, metadata, tokenizer)
+    return GGUFCheckpoint(path, arch_name, config, tensors, metadata, tokenizer)
 
 
 def gguf_tensor_info(path: str | os.PathLike) -> list[GGUFTensorInfo]:

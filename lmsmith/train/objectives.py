@@ -252,14 +252,17 @@ class Distillation(nn.Module):
             metrics["hidden_mse"] = float(mse.detach())
         return loss, {"loss": float(loss.detach()), **metrics}
 
+    def _causal(self) -> bool:
+        return isinstance(self.task, LanguageModeling) and self.task.causal
+
     def _task_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        causal = getattr(self.task, "causal", False) and not isinstance(self.task, Classification)
-        aligned_logits, labels = shifted(logits, batch["labels"]) if causal else (logits, batch["labels"])
-        return token_cross_entropy(aligned_logits, labels)
+        aligned, labels = shifted(logits, batch["labels"]) if self._causal() else (logits, batch["labels"])
+        return token_cross_entropy(aligned, labels)
 
     def _aligned(self, student: torch.Tensor, teacher: torch.Tensor, batch: Batch):
+        """Logits at the positions that have targets (all positions for sequence classification)."""
         labels = batch["labels"]
-        if isinstance(self.task, LanguageModeling) and self.task.causal:
+        if self._causal():
             student, teacher, labels = student[:, :-1], teacher[:, :-1], labels[:, 1:]
         mask = labels != IGNORE_INDEX if labels.dim() == student.dim() - 1 else None
         return student, teacher, mask

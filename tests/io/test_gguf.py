@@ -463,6 +463,24 @@ def test_corrupt_counts_and_types_are_errors_not_huge_allocations(tmp_path):
             open_gguf(path)
 
 
+def test_random_header_corruption_is_a_value_error_naming_the_file(tmp_path):
+    source = write_gguf(tmp_path / "ok.gguf", hf_weights(), qtype=Q.Q8_0).read_bytes()
+    header_end = open_gguf(tmp_path / "ok.gguf").data_offset
+    rng = np.random.default_rng(0)
+    bad, failures = tmp_path / "bad.gguf", 0
+    for _ in range(300):
+        data = bytearray(source)
+        for at in rng.integers(0, header_end, size=rng.integers(1, 4)):
+            data[at] = rng.integers(0, 256)
+        bad.write_bytes(bytes(data))
+        try:
+            read_gguf(bad)  # some flips are harmless (inside a token's text, say)
+        except ValueError as err:
+            assert "bad.gguf" in str(err), err
+            failures += 1
+    assert failures > 150  # most flips hit lengths, types, counts or names
+
+
 def test_duplicate_key_bad_alignment_and_empty_file(tmp_path):
     data = write_every_value_type(tmp_path / "ok.gguf").read_bytes()
     renamed = data.replace(b"t.i8", b"t.u8", 1)  # two keys named t.u8
