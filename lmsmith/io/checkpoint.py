@@ -6,9 +6,11 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -75,7 +77,7 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
     """Create the model without random init and fill every parameter from `tensors` (HF names)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_random_init():
         model = Transformer(config)
     wanted = {k for k in model.state_dict() if not _is_tied_copy(config, k)}
     state, unused = to_ours(tensors, config, wanted, source)
@@ -95,6 +97,24 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], source: s
     still_meta = [n for n, t in model.state_dict().items() if t.is_meta]
     assert not still_meta, f"parameters left unloaded: {still_meta[:5]}"
     return model
+
+
+@contextmanager
+def _skip_random_init():
+    """Make torch.nn.init a no-op while building a model whose weights come from a checkpoint.
+
+    On the meta device there is nothing to initialise, and random init there goes through
+    torch._refs, which imports torch._dynamo: seconds added to every first load.
+    """
+    names = ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "trunc_normal_", "ones_", "zeros_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 def _is_tied_copy(config: ModelConfig, key: str) -> bool:

@@ -26,7 +26,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 # --- rotary position embeddings -------------------------------------------------------------------
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
     """Inverse frequencies (rotary_dim // 2,), with the checkpoint's scaling applied."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    # Always computed on the CPU: under a meta-device context torch.arange would import torch._dynamo
+    # (seconds at start-up) and produce nothing usable anyway.
+    steps = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device="cpu")
+    inv_freq = 1.0 / theta ** (steps / rotary_dim)
     if scaling is None or scaling.kind == "dynamic":
         return inv_freq.float()
     if scaling.kind == "linear":
@@ -58,7 +61,7 @@ def _yarn_inv_freq(inv_freq: torch.Tensor, dim: int, theta: float, s: RopeScalin
 
     low = max(math.floor(correction_dim(s.beta_fast)), 0)
     high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
-    ramp = (torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)
+    ramp = (torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / max(high - low, 1e-3)
     extrapolation = 1 - ramp.clamp(0, 1)
     return inv_freq / s.factor * (1 - extrapolation) + inv_freq * extrapolation
 
