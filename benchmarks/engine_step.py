@@ -9,7 +9,7 @@ slows both alike. Printed per B:
   engine   `Engine.step()`: schedule + runner (paged gather/scatter, forward, sampling) + detokenize
   runner   `ModelRunner.execute` alone (the model forward over the paged cache, plus sampling)
   static   the peer: one decode step of the same model over lmsmith's StaticKVCache (what
-           `lmsmith.generate` does), B rows of the same length: no paging, no scheduling
+           `lmsmith.generation` does), B rows of the same length: no paging, no scheduling
   ratio    engine / static: the price of paging + continuous batching bookkeeping
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def start_engine(model, tok, batch: int, prompt_len: int, steps: int):
 
 
 class StaticDecoder:
-    """The peer: lmsmith's StaticKVCache decode loop (what lmsmith.generate runs), greedy."""
+    """The peer: lmsmith's StaticKVCache decode loop (what lmsmith.generation runs), greedy."""
 
     @torch.inference_mode()
     def __init__(self, model, tok, batch: int, prompt_len: int, steps: int):

@@ -31,7 +31,7 @@ def rss_mb() -> float:
 
 def run_lmsmith(batch: list[str], new_tokens: int) -> tuple[float, int]:
     from lmsmith.api import load
-    from lmsmith.generate import generate
+    from lmsmith.generation import generate
 
     model, tok = load("smollm2")
     generate(model, tok, batch[:1], max_new_tokens=4, stop_token_ids=())  # warm-up

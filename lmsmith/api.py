@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 
 from .embedded import ASSETS, DEFAULT_MODEL, asset_path, find_asset
-from .generate import Completion, GenerationConfig, generate, stream
+from .generation import Completion, GenerationConfig, generate, stream
 from .model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

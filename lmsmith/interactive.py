@@ -5,7 +5,7 @@ import sys
 import time
 
 from .api import chat_stream, load
-from .generate import GenerationConfig, stream
+from .generation import GenerationConfig, stream
 
 
 def _print_stream(pieces, out=None) -> tuple[int, float]:

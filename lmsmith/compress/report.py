@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..generate import GenerationConfig, iter_tokens
+from ..generation import GenerationConfig, iter_tokens
 from ..train.objectives import Objective, causal_lm, sequence_classification
 from .batches import classification_batches, classification_features, lm_batches, lm_blocks, pad_id_of
 from .heldout import heldout_text

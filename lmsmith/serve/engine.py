@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..generate import held_back
+from ..generation import held_back
 from ..tokenizer import StreamDecoder
 from .kv_blocks import KVBlockManager, blocks_for_tokens
 from .request import FINISH_STATUS_BY_REASON, Request, SamplingParams
@@ -295,7 +295,7 @@ class Engine:
         cut, stop = hit
         tracked.text = tracked.text[:max(cut, tracked.sent)]
         if not self.scheduler.finish(request.request_id, "stop", stop, self.clock()):
-            # finished by length on the same token: the stop string wins, as in lmsmith.generate
+            # finished by length on the same token: the stop string wins, as in lmsmith.generation
             request.status, request.finish_reason = FINISH_STATUS_BY_REASON["stop"], "stop"
             request.stop_reason = stop
 

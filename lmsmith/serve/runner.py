@@ -229,7 +229,7 @@ class ModelRunner:
 
     def _generator(self, request: Request) -> torch.Generator:
         """One generator per request, seeded once: a seeded request draws the same stream as
-        `lmsmith.generate` with that seed, however it is batched or preempted."""
+        `lmsmith.generation` with that seed, however it is batched or preempted."""
         generator = self._generators.get(request.request_id)
         if generator is None:
             generator = make_generator(request.sampling_params.seed, self.device)

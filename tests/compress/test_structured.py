@@ -15,7 +15,7 @@ from lmsmith.compress.structured import (
     prune_neurons,
     structured_prune,
 )
-from lmsmith.generate import GenerationConfig, iter_tokens
+from lmsmith.generation import GenerationConfig, iter_tokens
 from lmsmith.io.artifact import load_artifact, new_manifest, save_artifact
 from lmsmith.model.config import PRESETS
 from lmsmith.model.transformer import Transformer

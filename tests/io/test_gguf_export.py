@@ -317,7 +317,7 @@ def smollm_gguf() -> Path:
 @pytest.mark.slow
 def test_smollm2_q8_0_export_generates_like_the_original(smollm_gguf, tmp_path):
     from lmsmith.api import load
-    from lmsmith.generate import GenerationConfig, generate
+    from lmsmith.generation import GenerationConfig, generate
 
     model, tok = load(str(smollm_gguf))
     path = export_gguf(model, tok, tmp_path / "smollm2-q8_0.gguf", quant="q8_0")

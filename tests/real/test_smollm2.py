@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lmsmith.api import load, resolve
-from lmsmith.generate import generate
+from lmsmith.generation import generate
 
 pytestmark = pytest.mark.slow
 PROMPT = "The history of the printing press begins"

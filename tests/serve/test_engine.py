@@ -1,4 +1,4 @@
-"""The engine against lmsmith.generate (same tokens), text handling, failures, and the asyncio front."""
+"""The engine against lmsmith.generation (same tokens), text handling, failures, and the asyncio front."""
 import asyncio
 import gc
 import threading
@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from lmsmith.generate import generate
+from lmsmith.generation import generate
 from lmsmith.model.config import PRESETS, ModelConfig
 from lmsmith.model.transformer import Transformer
 from lmsmith.serve.engine import (
@@ -105,7 +105,7 @@ def assert_all_blocks_free(engine: Engine) -> None:
 PROMPTS = [[5, 9, 33], list(range(40, 51)), list(range(100, 123)), [7] * 6 + [300, 301]]
 
 
-# -- same tokens as lmsmith.generate --
+# -- same tokens as lmsmith.generation --
 
 @pytest.mark.parametrize("config", [
     EngineConfig(block_size=4),

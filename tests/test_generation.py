@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lmsmith.generate import GenerationConfig, find_stop, generate, held_back, stream
+from lmsmith.generation import GenerationConfig, find_stop, generate, held_back, stream
 from lmsmith.model.config import PRESETS
 from lmsmith.model.transformer import Transformer
 from tests.fakes import ByteTokenizer, ScriptedModel
