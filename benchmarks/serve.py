@@ -9,8 +9,8 @@ One command:  python benchmarks/serve.py [--quick] [--concurrency 1 8 32] [--new
   per-step timestamp, as if the batch were requests that arrived together.
 * vLLM (CPU) and llama.cpp's server are measured with `bench serve` when already installed, else
   listed as "not installed" (this benchmark never installs anything).
-* Priority: the TTFT of a high-priority request while --concurrency-max low-priority streams run,
-  against the same request alone and a normal-priority request under the same load.
+* Priority: on a server with 4 sequence slots and 8 low-priority streams (4 running, 4 queued), the
+  TTFT of a high-priority request against the same request alone and one at the load's priority.
 
 Every server listens on 127.0.0.1 only and every run is bounded in requests and time.
 """
@@ -44,7 +44,8 @@ from lmsmith.serve.bench import (
     send_one,
 )
 
-PROMPT_WORDS = 27  # ~29 tokens with SmolLM2's tokenizer (measured: reported in the table)
+PROMPT_WORDS = 29  # one token per word with SmolLM2's tokenizer (the table reports the measured count)
+PRIORITY_SEQS, PRIORITY_LOAD = 4, 8  # priority test: 4 running + 4 queued low-priority streams
 
 
 # ============================================================================ servers
@@ -127,38 +128,40 @@ def row_from_report(engine: str, concurrency: int, report: dict) -> dict:
             "goodput": report["goodput"], "failed": report["failed"]}
 
 
-async def _ttft(url: str, priority: int, new_tokens: int, load: int, seed: int) -> float:
-    """TTFT of one request of `priority`, sent after `load` low-priority streams (priority 10) are running."""
+async def _ttft(url: str, priority: int, load: int, load_tokens: int, seed: int) -> float:
+    """TTFT of one request of `priority`, sent while `load` low-priority (10) streams run or wait."""
     import random
 
     rng = random.Random(seed)
-    config = BenchConfig(url=url, concurrency=max(load, 1) + 1, output_len=LengthDist(new_tokens),
-                         request_timeout_s=600)
+    client_config = BenchConfig(url=url, concurrency=load + 1, request_timeout_s=600)
     background_config = BenchConfig(url=url, concurrency=max(load, 1), priority=10, request_timeout_s=600)
     probe_config = BenchConfig(url=url, concurrency=1, priority=priority, request_timeout_s=600)
-    async with make_client(config) as client:
+    async with make_client(client_config) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         background = [asyncio.create_task(send_one(client, background_config, model,
-                                                   make_prompt(PROMPT_WORDS, rng), new_tokens)) for _ in range(load)]
+                                                   make_prompt(PROMPT_WORDS, rng), load_tokens))
+                      for _ in range(load)]
         if load:
-            await asyncio.sleep(1.0)  # let the load reach its decode phase
+            await asyncio.sleep(1.0)  # the load is running (and queued) before the probe arrives
         probe = await send_one(client, probe_config, model, make_prompt(PROMPT_WORDS, rng), 8)
-        await asyncio.gather(*background)
+        for task in background:  # the load has done its job: disconnecting aborts it
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
     if not probe.ok:
         raise RuntimeError(f"priority probe failed: {probe.error}")
     return probe.ttft_s
 
 
-def priority_rows(url: str, load: int, new_tokens: int, repeats: int) -> list[dict]:
+def priority_rows(url: str, load: int, load_tokens: int, repeats: int) -> list[dict]:
+    """A request's TTFT alone, and under `load` streams at the load's priority and at a better one.
+    At the same priority it queues behind the load (about two waves of `load_tokens` decode steps)."""
     def median_ttft(priority: int, with_load: int) -> float:
-        return statistics.median(asyncio.run(_ttft(url, priority, new_tokens, with_load, seed))
+        return statistics.median(asyncio.run(_ttft(url, priority, with_load, load_tokens, seed))
                                  for seed in range(repeats))
 
-    alone = median_ttft(0, 0)
-    rows = [{"case": "alone", "priority": 0, "load_streams": 0, "ttft_s": alone}]
+    rows = [{"case": "alone", "priority": 0, "load_streams": 0, "ttft_s": median_ttft(0, 0)}]
     for name, priority in (("under load, same priority", 10), ("under load, high priority", -10)):
-        ttft = median_ttft(priority, load)
-        rows.append({"case": name, "priority": priority, "load_streams": load, "ttft_s": ttft})
+        rows.append({"case": name, "priority": priority, "load_streams": load, "ttft_s": median_ttft(priority, load)})
     return rows
 
 
@@ -275,7 +278,8 @@ def main() -> None:
     rows, priority = run_all(a)
     print()
     print_table(rows)
-    print("\nTTFT of a request while", priority[1]["load_streams"], "low-priority (10) streams run:")
+    print(f"\nTTFT of a request while {PRIORITY_LOAD} low-priority (10) streams run or wait "
+          f"(server with max_num_seqs={PRIORITY_SEQS}):")
     for r in priority:
         print(f"  {r['case']:<28} priority {r['priority']:>4}: {r['ttft_s'] * 1000:8.1f} ms")
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
@@ -291,7 +295,9 @@ def run_all(a) -> tuple[list[dict], list[dict]]:
     print("lmsmith server ...", flush=True)
     with running(lmsmith_server(port, max(32, max_c), a.threads), port) as url:
         rows = bench_rows("lmsmith", url, a.concurrency, a.new_tokens, a.rounds)
-        priority = priority_rows(url, max_c, a.new_tokens, repeats=1 if a.quick else 3)
+    print("lmsmith server, priority test ...", flush=True)
+    with running(lmsmith_server(port, PRIORITY_SEQS, a.threads), port) as url:
+        priority = priority_rows(url, PRIORITY_LOAD, min(a.new_tokens, 64), repeats=1 if a.quick else 2)
     if not a.skip_transformers:
         print("transformers ...", flush=True)
         rows += transformers_rows(a.concurrency, a.new_tokens, a.rounds, a.threads)

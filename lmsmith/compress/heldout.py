@@ -1,9 +1,10 @@
 """A fixed held-out text for perplexity: plain English paragraphs on varied topics, written for this
 package (so no pretraining corpus contains them verbatim) and never used for calibration or training.
 
-About 1,900 tokens with the SmolLM2 tokenizer: small enough that measuring a 135M model takes
-seconds on a CPU, large enough that the perplexity differences between compression methods are
-well above the noise between runs (the text is fixed, so runs differ only by the model).
+About 1,100 tokens with the SmolLM2 tokenizer (4 windows of 256): small enough that measuring a
+135M model takes seconds on a CPU. The text is fixed, so two measurements differ only by the model
+and small perplexity differences between compression methods are real, if not representative of
+every kind of text.
 """
 from __future__ import annotations
 

@@ -636,9 +636,10 @@ class _Runner:
 
     def _write_report(self, rejected: str | None = None) -> tuple[Path, str]:
         self.output.mkdir(parents=True, exist_ok=True)
-        table = markdown_table(self.measurements, self.measurements[0])
+        start = getattr(self, "start", self.measurements[0])  # the source, or the last baseline step
+        table = markdown_table(self.measurements, start)
         plots = plot_tradeoffs(self.measurements, self.output, title=self.recipe.name)
-        lines = [f"# {self.recipe.name}", "", f"Source: `{self.recipe.source}`. Ratios are against the source.",
+        lines = [f"# {self.recipe.name}", "", f"Source: `{self.recipe.source}`. Ratios are against {start.name}.",
                  "", table, ""]
         if rejected:
             lines += [f"**Stopped**: step {rejected} failed its quality gate (its artifact was deleted).", ""]
