@@ -29,14 +29,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lmsmith.compress.prune import prune_model, remove_masks  # noqa: E402
-from lmsmith.compress.quantize import quantize_model  # noqa: E402
-from lmsmith.compress.recipe import DataSpec, StepData, run_recipe  # noqa: E402
-from lmsmith.compress.report import (  # noqa: E402
-    MeasureSettings,
+from lmsmith.compress.prune import prune_model, remove_masks
+from lmsmith.compress.quantize import quantize_model
+from lmsmith.compress.recipe import DataSpec, StepData, run_recipe
+from lmsmith.compress.report import (
     Measurement,
+    MeasureSettings,
     count_parameters,
     lm_eval_set,
     markdown_table,
@@ -44,7 +42,7 @@ from lmsmith.compress.report import (  # noqa: E402
     plot_tradeoffs,
     quality_metrics,
 )
-from lmsmith.io.artifact import new_manifest, save_artifact  # noqa: E402
+from lmsmith.io.artifact import new_manifest, save_artifact
 
 BLOCKS = ("layers.*",)  # pruning targets: the transformer blocks (embeddings and head stay dense)
 

@@ -197,14 +197,16 @@ def static_batches(model, tok, concurrency: int, new_tokens: int, rounds: int) -
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
     rng = random.Random(0)
+    pad = tok.pad_token_id or tok.eos_token_id
     records, total_s, prompt_tokens = [], 0.0, 0
-    for round_index in range(rounds + 1):  # round 0 warms up
+    for round_index in range(rounds + 1):
         enc = tok([make_prompt(PROMPT_WORDS, rng) for _ in range(concurrency)], return_tensors="pt", padding=True)
         clock = Clock()
+        steps = 2 if round_index == 0 else new_tokens  # round 0: a short warm-up at this batch size
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=tok.pad_token_id or tok.eos_token_id, stopping_criteria=[clock])
+            model.generate(**enc, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=pad,
+                           stopping_criteria=[clock])
         end = time.perf_counter()
         if round_index == 0:
             continue

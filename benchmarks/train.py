@@ -97,19 +97,16 @@ class StepClock:
 def run_lmsmith(case: str, total: int, folder: Path) -> list[float]:
     import torch
 
-    from lmsmith.api import load
     from lmsmith.data import FeatureDataset
+    from lmsmith.train.build import load_pretrained
     from lmsmith.train.loop import TrainData, TrainSettings, train
     from lmsmith.train.objectives import causal_lm, sequence_classification
     from lmsmith.train.peft import LoraConfig, apply_peft
 
     spec = CASES[case]
     labels = ("negative", "neutral", "positive")
-    model, _ = load(folder, task=spec["task"], labels=labels if case == "full-minilm" else None)
-    if case == "full-minilm" and model.config.task != spec["task"]:
-        from lmsmith.train.build import with_new_head
-
-        model = with_new_head(model, spec["task"], labels, str(folder))
+    # as transformers does: a missing classification head is created on the pretrained encoder
+    model, _ = load_pretrained(str(folder), spec["task"], labels if case == "full-minilm" else (), torch.float32)
     if case == "lora-smollm2":
         apply_peft(model, LoraConfig(target_modules=list(LORA["target"]), r=LORA["r"], lora_alpha=LORA["lora_alpha"],
                                      lora_dropout=LORA["lora_dropout"]))

@@ -24,7 +24,7 @@ def smollm2():
 
 
 def test_smollm2_int8_keeps_perplexity(smollm2):
-    model, _, evalset, base = smollm2
+    _, _, evalset, base = smollm2
     quantized = load("smollm2")[0].eval()
     quantize_model(quantized, "int8")
     ratio = quality_metrics(quantized, evalset)["perplexity"] / base
