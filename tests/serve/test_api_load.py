@@ -95,8 +95,16 @@ def test_disconnects_abort_requests_and_free_their_blocks(server):
     assert stats["finished_abort_total"] - aborted_before >= sum(started)
 
 
-def test_a_non_streaming_client_that_leaves_aborts_its_request(server):
+def test_a_non_streaming_client_that_leaves_aborts_its_request(server, monkeypatch):
     url, engine = server
+    runner = engine.engine.runner
+    execute = runner.execute
+
+    def slow_execute(*args, **kwargs):  # make sure the request is still running when the client leaves
+        time.sleep(0.05)
+        return execute(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "execute", slow_execute)
     aborted_before = engine.stats().get("finished_abort_total", 0)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 100, "ignore_eos": True},
