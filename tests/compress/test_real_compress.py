@@ -55,14 +55,15 @@ def test_minilm_three_layer_student_learns_from_the_six_layer_teacher(tmp_path):
     labels = ("negative", "neutral", "positive")
     teacher, tok = load_pretrained("minilm-l6", "sequence-classification", labels, torch.float32)
     teacher.eval()
-    with torch.no_grad():  # a decisive head, so the KL has something to measure
-        teacher.classifier.out.weight.normal_(0, 0.3)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a decisive (seeded) head, so the KL has something to measure
+        teacher.classifier.out.weight.normal_(0, 1.0)
     student = student_from_teacher(teacher, [0, 3, 5])
     assert student.config.num_layers == 3 and teacher.config.num_layers == 6
     spec = DataSpec(dataset="tweets-sentiment", sizes={"train": 128, "validation": 32, "test": 0}, max_length=48)
     data = StepData(spec, tok, "classifier")
     before = mean_kl(teacher, student, data.validation_batches)
-    settings = TrainSettings(max_steps=8, batch_size=16, lr=3e-5, progress=False, tensorboard=False, device="cpu")
+    settings = TrainSettings(max_steps=8, batch_size=16, lr=1e-4, progress=False, tensorboard=False, device="cpu")
     distill(teacher, student, data.train_data, settings, tmp_path / "run", alpha=1.0)
     after = mean_kl(teacher, student, data.validation_batches)
     assert after < before, (before, after)
