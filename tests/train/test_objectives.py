@@ -161,7 +161,7 @@ def test_distillation_objective_mixes_kl_and_task_loss():
     mixed, metrics = Distillation(causal_lm(), teacher, temperature=2.0, alpha=0.7)(student, batch)
     kl = distillation_kl(student(ids).logits[:, :-1], teacher(ids).logits[:, :-1], 2.0)
     assert torch.allclose(mixed, 0.7 * kl + 0.3 * task_loss, atol=1e-5)
-    assert metrics["kl"] == pytest.approx(float(kl), rel=1e-5)
+    assert metrics["kl"] == pytest.approx(float(kl.detach()), rel=1e-5)
     self_taught = Distillation(causal_lm(), student, temperature=3.0, alpha=1.0)
     assert float(self_taught(student, batch)[0]) == pytest.approx(0.0, abs=1e-5)
     precomputed = {**batch, "teacher_logits": teacher(ids).logits}
@@ -176,11 +176,11 @@ def test_distillation_hidden_state_term_and_errors():
     with_hidden = Distillation(causal_lm(), student, alpha=0.5, hidden_weight=2.0)
     loss, metrics = with_hidden(student, batch)
     assert metrics["hidden_mse"] == pytest.approx(0.0, abs=1e-10)  # a student is its own perfect teacher
-    assert float(loss) == pytest.approx(0.5 * metrics["task_loss"], rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(0.5 * metrics["task_loss"], rel=1e-5)
     wide = torch.randn(2, 8, 64)
     with pytest.raises(ValueError, match="projection"):
         hidden_mse(torch.randn(2, 8, 32), wide)
-    assert float(hidden_mse(torch.randn(2, 8, 32), wide, torch.nn.Linear(32, 64))) > 0
+    assert float(hidden_mse(torch.randn(2, 8, 32), wide, torch.nn.Linear(32, 64)).detach()) > 0
     with pytest.raises(ValueError, match="temperature"):
         Distillation(causal_lm(), student, temperature=0)
     with pytest.raises(ValueError, match="teacher"):
