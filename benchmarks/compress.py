@@ -146,7 +146,7 @@ def run_smollm2(args, out: Path) -> str:
             del model
         if not args.quick:
             rows += gguf_q4_0_rows(base, tok, evalset, scratch)
-    plot_tradeoffs([r for r in rows if not math.isnan(r.peak_memory_mb)], out / "smollm2", "SmolLM2-135M")
+    plot_tradeoffs(rows, out / "smollm2", "SmolLM2-135M")
     title = (f"SmolLM2-135M-Instruct, perplexity on {int(rows[0].quality['tokens'])} held-out tokens, "
              f"greedy decode of {settings.new_tokens} tokens; ratios against fp32")
     return f"{title}\n\n{markdown_table(rows)}"

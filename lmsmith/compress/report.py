@@ -401,10 +401,14 @@ def plot_tradeoffs(measurements: Sequence[Measurement], out_dir: str | Path, tit
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for m, best in zip(measurements, optimal):
             x, y = x_of(m), m.quality.get(metric, float("nan"))
+            if math.isnan(x) or math.isnan(y):  # e.g. a quality-only row has no speed
+                continue
             ax.scatter([x], [y], s=50, color="C0", facecolors="C0" if best else "none")
             ax.annotate(m.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_xlabel(label)
-        ax.set_ylabel(metric + (" (lower is better)" if metric == "perplexity" else ""))
+        ax.set_ylabel(metric + (" (log scale, lower is better)" if metric == "perplexity" else ""))
+        if metric == "perplexity":
+            ax.set_yscale("log")  # pruning can multiply perplexity; a linear axis hides the small gaps
         ax.set_title(title or f"{metric} vs {name}")
         ax.grid(alpha=0.3)
         fig.tight_layout()
