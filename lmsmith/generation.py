@@ -95,7 +95,7 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 @torch.inference_mode()
 def iter_tokens(model: Transformer, prompts: list[list[int]], config: GenerationConfig,
-                stop_ids: set[int], pad_id: int) -> Iterator[torch.Tensor]:
+                pad_id: int) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,) each step until every row stopped or hit its budget."""
     device = model.device
     budgets = [fit_to_context(p, model.config.max_position_embeddings, config) for p in prompts]
@@ -144,7 +144,7 @@ def generate(model: Transformer, tokenizer, prompts, config: GenerationConfig | 
     rows = [_Row(len(p)) for p in encoded]
     budgets = [fit_to_context(p, model.config.max_position_embeddings, config)[1] for p in encoded]
     stop_ids = _stop_ids(tokenizer, config)
-    for tokens in iter_tokens(model, encoded, config, stop_ids, _pad_id(tokenizer)):
+    for tokens in iter_tokens(model, encoded, config, _pad_id(tokenizer)):
         for row, token, budget in zip(rows, tokens.tolist(), budgets):
             if not row.done:
                 _advance(row, token, tokenizer, config, stop_ids, budget)
@@ -197,7 +197,7 @@ def stream(model: Transformer, tokenizer, prompt: str | list[int], config: Gener
     budget = fit_to_context(encoded[0], model.config.max_position_embeddings, config)[1]
     row, sent = _Row(len(encoded[0])), 0
     stop_ids = _stop_ids(tokenizer, config)
-    for tokens in iter_tokens(model, encoded, config, stop_ids, _pad_id(tokenizer)):
+    for tokens in iter_tokens(model, encoded, config, _pad_id(tokenizer)):
         _advance(row, int(tokens[0]), tokenizer, config, stop_ids, budget)
         safe = len(row.text) if row.done else len(row.text) - held_back(row.text, config.stop)
         if not row.done and row.text.endswith("\ufffd"):

@@ -135,6 +135,20 @@ def run_model_on(model: nn.Module, batch: Any) -> None:
         model(batch)
 
 
+def run_calibration(model: nn.Module, calibration: Iterable[Any], handles: Sequence[Any]) -> None:
+    """Run every calibration batch in eval mode so `handles`' hooks see them; then remove the hooks
+    and restore the training mode, whatever happens."""
+    was_training = model.training
+    try:
+        model.eval()
+        for batch in calibration:
+            run_model_on(model, batch)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def accumulate_linear_inputs(
     model: nn.Module,
@@ -155,15 +169,7 @@ def accumulate_linear_inputs(
         return hook
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
-    was_training = model.training
-    try:
-        model.eval()
-        for batch in calibration:
-            run_model_on(model, batch)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    run_calibration(model, calibration, handles)
     missing = [n for n in names if n not in sums]
     if missing:
         raise ValueError(f"calibration data never reached layers {missing[:5]} (empty calibration?)")

@@ -224,11 +224,11 @@ def _lm_speed(model, evalset: EvalSet, batch: int, settings: MeasureSettings) ->
     """Decode tokens/s after the prompt (prefill excluded) and milliseconds per decode step."""
     prompts = _rows(evalset.speed_inputs, batch)
     device = _device_of(model)
-    for _ in iter_tokens(model, prompts, GenerationConfig(max_new_tokens=2), set(), evalset.pad_id):
+    for _ in iter_tokens(model, prompts, GenerationConfig(max_new_tokens=2), evalset.pad_id):
         pass  # warm-up
     config = GenerationConfig(max_new_tokens=settings.new_tokens)
     stamps = []
-    for _ in iter_tokens(model, prompts, config, set(), evalset.pad_id):
+    for _ in iter_tokens(model, prompts, config, evalset.pad_id):
         _synchronize(device)
         stamps.append(time.perf_counter())
     steps = len(stamps) - 1

@@ -40,7 +40,7 @@ from .prune import (
     prune_linear_outputs,
     top_k_indices,
 )
-from .quantize import run_model_on
+from .quantize import run_calibration
 
 HEAD_UNITS = ("query", "group")
 IMPORTANCE = ("magnitude", "calibration")
@@ -122,15 +122,7 @@ def layer_importance(model: nn.Module, calibration: Iterable[Any]) -> torch.Tens
         return hook
 
     handles = [block.register_forward_hook(hook_for(i)) for i, block in enumerate(model.layers)]
-    was_training = model.training
-    try:
-        model.eval()
-        for batch in calibration:
-            run_model_on(model, batch)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    run_calibration(model, calibration, handles)
     if not counts.all():
         raise ValueError("calibration data never reached the layers (empty calibration?)")
     return (totals / counts).float()

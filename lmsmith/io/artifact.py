@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from ..model.config import ModelConfig
 from ..model.transformer import Transformer
-from .checkpoint import _replace_dir, load_hf_folder, read_tensors, save_hf_folder
+from .checkpoint import load_hf_folder, read_tensors, replace_dir, save_hf_folder
 from .weights import CheckpointError
 
 MANIFEST = "lmsmith.json"
@@ -71,7 +71,7 @@ def _save_quantized(model: Transformer, target: Path, tokenizer, manifest_text: 
         (tmp / MANIFEST).write_text(manifest_text)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -144,14 +144,14 @@ def save_hf_folder(model: Transformer, path: str | os.PathLike, tokenizer=None, 
             tokenizer.save(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
     """Swap `new` into `target`; the old folder survives until the new one is in place."""
     if target.exists():
         old = target.with_name(f".{target.name}.old")

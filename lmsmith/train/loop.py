@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from ..data.sampler import ResumableSampler
+from ..io.checkpoint import replace_dir
 from . import distributed as D
 from . import state as S
 from .objectives import Batch, Objective
@@ -328,7 +329,7 @@ def save_checkpoint(run_dir: Path, parts: Checkpointable, ctx: D.DistContext, ke
         S.write_tree(trainer, tmp / S.STATE_FILE, tmp / S.TENSORS_FILE)  # state.json last: marks completion
     D.barrier()
     if ctx.is_main:
-        S.commit_dir(tmp, target)
+        replace_dir(tmp, target)
         S.prune_checkpoints(run_dir, keep)
     D.barrier()
     return target
@@ -350,7 +351,7 @@ def save_best(run_dir: Path, model: nn.Module, ctx: D.DistContext, record: Mappi
         tmp = S.new_temp_dir(run_dir / BEST_DIR)
         S.save_tensors(weights, tmp / S.MODEL_FILE)
         (tmp / "metrics.json").write_text(json.dumps(record, indent=2))
-        S.commit_dir(tmp, run_dir / BEST_DIR)
+        replace_dir(tmp, run_dir / BEST_DIR)
     D.barrier()
 
 

@@ -136,18 +136,6 @@ def new_temp_dir(target: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
 
 
-def commit_dir(tmp: Path, target: Path) -> None:
-    """Move a finished temporary folder into place; an older folder of that name is replaced."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
-
-
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (and stale temporary folders)."""
     found = list_checkpoints(run_dir)

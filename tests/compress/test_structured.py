@@ -116,7 +116,7 @@ def test_dropping_an_identity_layer_keeps_outputs_and_the_kv_cache_works():
     assert record["kept_layers"] == [0, 2] and model.config.num_layers == 2
     assert [block.attn.layer_idx for block in model.layers] == [0, 1]
     torch.testing.assert_close(logits(model), before, rtol=0, atol=1e-5)
-    steps = list(iter_tokens(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=3), set(), 0))
+    steps = list(iter_tokens(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=3), 0))
     assert len(steps) == 3  # decoding through the static KV cache indexes layers 0..1
 
 

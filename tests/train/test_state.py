@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lmsmith.io.checkpoint import replace_dir
 from lmsmith.train import state as S
 
 
@@ -44,7 +45,7 @@ def test_checkpoint_folders_commit_atomically_and_prune(tmp_path):
     for step in (2, 4, 6):
         tmp = S.new_temp_dir(S.step_dir(tmp_path, step))
         (tmp / S.STATE_FILE).write_text("{}")
-        S.commit_dir(tmp, S.step_dir(tmp_path, step))
+        replace_dir(tmp, S.step_dir(tmp_path, step))
     half_written = S.new_temp_dir(S.step_dir(tmp_path, 8))  # a run killed while saving step 8
     (half_written / S.STATE_FILE).write_text("{}")
     assert [s for s, _ in S.list_checkpoints(tmp_path)] == [2, 4, 6]
