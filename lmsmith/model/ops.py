@@ -121,6 +121,14 @@ def attention_mask_4d(
     return mask
 
 
+def let_empty_rows_attend(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A fully masked row (a padding query) would make SDPA return NaN; let it attend everywhere
+    instead (its output is never used). Done once per forward, not once per layer."""
+    if mask is None:
+        return None
+    return mask | ~mask.any(-1, keepdim=True)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -129,11 +137,10 @@ def attention(
     is_causal: bool,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """SDPA over (B, H, T, D) queries and (B, Hkv, S, D) keys/values (grouped-query aware)."""
-    if mask is not None:
-        # A fully masked row (a padding query) would give NaN; let it attend everywhere instead (its
-        # output is never used).
-        mask = mask | ~mask.any(-1, keepdim=True)
+    """SDPA over (B, H, T, D) queries and (B, Hkv, S, D) keys/values (grouped-query aware).
+
+    `mask` must give every query at least one key (see `let_empty_rows_attend`), or its row is NaN.
+    """
     # enable_gqa lets SDPA share each KV head across its query group without copying K/V.
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal and mask is None,

@@ -11,7 +11,7 @@ from .attention import Attention, AttentionInputs, KVCache
 from .config import ModelConfig
 from .heads import MaskedLMHead, SequenceClassifier, TokenClassifier
 from .layers import MLP, Embeddings, make_norm
-from .ops import attention_mask_4d, rope_attention_factor, rope_cos_sin, rope_inv_freq
+from .ops import attention_mask_4d, let_empty_rows_attend, rope_attention_factor, rope_cos_sin, rope_inv_freq
 
 
 @dataclass
@@ -156,7 +156,7 @@ class Transformer(nn.Module):
         num_keys = past + T
         custom = getattr(cache, "attention_mask_4d", None)
         if custom is not None:  # a paged cache over ragged sequences supplies its own (B, 1, T, S) mask
-            return AttentionInputs(cos, sin, custom, False, cache, prefix, need_weights)
+            return AttentionInputs(cos, sin, let_empty_rows_attend(custom), False, cache, prefix, need_weights)
         simple_causal = cfg.causal and attention_mask is None and cfg.sliding_window is None
         if prefix is None and (simple_causal and (past == 0 or T == 1)):
             mask = None  # SDPA's causal path (prefill) or nothing to mask (one new token)
@@ -167,6 +167,7 @@ class Transformer(nn.Module):
             mask = attention_mask_4d(query_index, attention_mask, num_keys, cfg.causal, cfg.sliding_window)
             if prefix is not None:
                 mask = _prepend_visible(mask, prefix[0][0].shape[2], position_ids.shape[0], T, num_keys)
+            mask = let_empty_rows_attend(mask)
         is_causal = cfg.causal and past == 0
         return AttentionInputs(cos, sin, mask, is_causal, cache, prefix, need_weights)
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..model.config import ModelConfig
+from ..model.packed import pack_linears
 from ..sampling import SamplingSettings, make_generator, sample
 from .request import Request
 from .scheduler import ScheduledSeq
@@ -151,11 +152,14 @@ class ModelRunner:
     Not thread-safe: one thread calls `execute`. Requests are only read.
     """
 
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, pack_weights: bool = True) -> None:
         config: ModelConfig = model.config
         if config.task != "causal-lm" or not config.causal:
             raise ValueError(f"serving needs a causal LM, got task={config.task!r} causal={config.causal}")
         self.model = model.eval()  # dropout off: serving must be deterministic
+        # The engine owns the model from here: packing its float32 CPU linears for oneDNN speeds up every
+        # step (no-op elsewhere); the state dict keeps its keys.
+        self.packed_layers = pack_linears(model) if pack_weights else []
         self.config = config
         self.device = next(model.parameters()).device
         self.cache = PagedKVCache(config, num_blocks, block_size, self.device, _kv_dtype(model))
