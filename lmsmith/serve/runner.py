@@ -137,12 +137,14 @@ class PagedKVCache:
     def _store_and_gather(self, pool: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         lay = self.layout
         B, H, T, D = new.shape
-        flat_pool = pool.view(-1, H, D)  # (num_blocks * block_size, Hkv, D), shares storage
-        rows = new.transpose(1, 2).reshape(B * T, H, D)  # (B*T, Hkv, D)
+        # One row per slot: a 2-D index_select copies whole contiguous rows, ~3x faster on CPU than
+        # the same gather over a (slots, Hkv, D) view.
+        flat_pool = pool.view(-1, H * D)  # (num_blocks * block_size, Hkv*D), shares storage
+        rows = new.transpose(1, 2).reshape(B * T, H * D)  # (B*T, Hkv*D)
         if lay.write_rows is not None:
             rows = rows.index_select(0, lay.write_rows)
         flat_pool.index_copy_(0, lay.write_slots, rows.to(pool.dtype))
-        gathered = flat_pool.index_select(0, lay.gather_slots)  # (B*S, Hkv, D)
+        gathered = flat_pool.index_select(0, lay.gather_slots)  # (B*S, Hkv*D)
         return gathered.view(B, lay.max_context, H, D).transpose(1, 2)  # (B, Hkv, S, D)
 
 
