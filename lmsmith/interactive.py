@@ -6,6 +6,7 @@ import time
 
 from .api import chat_stream, load
 from .generation import GenerationConfig, stream
+from .model.packed import pack_linears
 
 
 def _print_stream(pieces, out=None) -> tuple[int, float]:
@@ -19,9 +20,16 @@ def _print_stream(pieces, out=None) -> tuple[int, float]:
     return chars, time.perf_counter() - start
 
 
+def load_for_inference(model: str | None):
+    """Load, then pack the float32 CPU linears for oneDNN: these front ends only ever run inference."""
+    m, tok = load(model)
+    pack_linears(m)
+    return m, tok
+
+
 def generate_cli(prompt: str, model: str | None = None, chat: bool = False, **gen) -> None:
     """Stream one completion (or one chat reply) and report tokens/s on stderr."""
-    m, tok = load(model)
+    m, tok = load_for_inference(model)
     config = GenerationConfig(**gen)
     counter = _TokenCounter(tok)
     if chat:
@@ -48,7 +56,7 @@ class _TokenCounter:
 
 def chat_repl(model: str | None = None, system: str | None = None, **gen) -> None:
     """Interactive chat: type a message, get a streamed reply; /reset clears history, /exit quits."""
-    m, tok = load(model)
+    m, tok = load_for_inference(model)
     config = GenerationConfig(**gen)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     print("Chat with the model. /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
