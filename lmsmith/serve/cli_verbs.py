@@ -6,6 +6,9 @@ import os
 import sys
 from pathlib import Path
 
+# A copy of server.SERVE_QUANT_METHODS (a test keeps them equal): building the CLI parser must stay
+# light, and importing server.py loads torch and uvicorn.
+SERVE_QUANT_METHODS = ("int8", "int4", "w8a8")
 API_KEYS_ENV = "LMSMITH_API_KEYS"  # comma-separated; keeps keys off the command line (and out of `ps`)
 
 
@@ -34,6 +37,9 @@ def _setup_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--quantize", default=None, choices=SERVE_QUANT_METHODS,
+                   help="quantize the linear layers at load: int8 / int4 weights, or w8a8 (int8 weights and "
+                        "activations); an already quantized lmsmith artifact needs no flag")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -45,22 +51,28 @@ def api_keys_from(args_keys: list[str]) -> tuple[str, ...]:
 def _run_serve(a: argparse.Namespace) -> None:
     import logging
 
-    from .server import ServeOptions, serve_options
+    from .server import serve_options
 
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = ServeOptions(
+    options = serve_options_from(a)  # a bad value: ValueError, which lmsmith.cli reports as an error
+    try:
+        serve_options(options)
+    except RuntimeError as err:  # loading failed: the server has stopped
+        print(f"lmsmith serve: error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def serve_options_from(a: argparse.Namespace):
+    from .server import ServeOptions
+
+    return ServeOptions(
         model=a.model, host=a.host, port=a.port, api_keys=api_keys_from(a.api_keys), max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens, max_waiting_requests=a.max_waiting_requests,
         max_waiting_tokens=a.max_waiting_tokens, num_kv_blocks=a.num_kv_blocks,
         kv_cache_memory_mb=a.kv_cache_memory_mb, max_model_len=a.max_model_len, embedding_model=a.embedding_model,
         classifier_model=a.classifier_model, generate=a.generate, served_model_name=a.served_model_name,
         replicas=a.replicas, drain_timeout_s=a.drain_timeout_s, max_body_bytes=a.max_body_bytes,
-        threads=a.threads, dtype=a.dtype, log_level=a.log_level)
-    try:
-        serve_options(options)
-    except RuntimeError as err:  # loading failed: the server has stopped
-        print(f"lmsmith serve: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        threads=a.threads, dtype=a.dtype, quantize=a.quantize, log_level=a.log_level)
 
 
 def _setup_bench(p: argparse.ArgumentParser) -> None:

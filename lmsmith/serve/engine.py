@@ -86,6 +86,8 @@ class RequestOutput:
     completion_tokens: int
     cached_tokens: int  # prompt tokens served from the prefix cache at first admission
     arrival_time: float  # times on the engine clock (time.monotonic by default)
+    # first admission to the running batch; kept across preemptions, so arrival → this = queue time
+    first_scheduled_time: float | None
     first_token_time: float | None
     finish_time: float | None
     priority: int
@@ -321,7 +323,8 @@ class Engine:
             text=tracked.text[:tracked.sent],
             finished=r.is_finished, finish_reason=finish_reason, prompt_tokens=r.num_prompt_tokens,
             completion_tokens=r.num_output_tokens, cached_tokens=tracked.cached_tokens or 0,
-            arrival_time=r.arrival_time, first_token_time=r.first_token_time, finish_time=r.finish_time,
+            arrival_time=r.arrival_time, first_scheduled_time=r.first_scheduled_time,
+            first_token_time=r.first_token_time, finish_time=r.finish_time,
             priority=r.priority, stop_reason=r.stop_reason, error=error)
 
 

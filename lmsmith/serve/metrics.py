@@ -117,7 +117,7 @@ class ServingMetrics:
 
     # ------------------------------------------------------------------ engine callbacks
     def observe_output(self, output: Any) -> None:
-        """Record TTFT, queue time, inter-token latency and, at the end, e2e latency and the outcome."""
+        """Record queue time and TTFT (first output), inter-token latency, and at the end e2e and outcome."""
         label = priority_label(getattr(output, "priority", 0) or 0)
         now = time.monotonic()
         with self._lock:
@@ -126,21 +126,19 @@ class ServingMetrics:
                 self._last_token_time[output.request_id] = now
             if output.finished:
                 self._last_token_time.pop(output.request_id, None)
-        if output.new_token_ids:
-            self._observe_token_times(output, label, last, now)
+        if last is None:  # the request's first output: it got its first token, or ended before one
+            self._observe_first_output(output, label)
+        elif output.new_token_ids:
+            self.itl.labels(label).observe(max(now - last, 0.0) / len(output.new_token_ids))
         if output.finished:
             self._observe_finish(output, label)
 
-    def _observe_token_times(self, output: Any, label: str, last: float | None, now: float) -> None:
-        if last is None:  # the first output with tokens
-            if output.first_token_time is not None:
-                self.ttft.labels(label).observe(max(output.first_token_time - output.arrival_time, 0.0))
-            scheduled = getattr(output, "first_scheduled_time", None)
-            start = scheduled if scheduled is not None else output.first_token_time
-            if start is not None:
-                self.queue_time.labels(label).observe(max(start - output.arrival_time, 0.0))
-            return
-        self.itl.labels(label).observe(max(now - last, 0.0) / len(output.new_token_ids))
+    def _observe_first_output(self, output: Any, label: str) -> None:
+        # A request aborted while still queued was never scheduled: it has no queue time to record.
+        if output.first_scheduled_time is not None:
+            self.queue_time.labels(label).observe(max(output.first_scheduled_time - output.arrival_time, 0.0))
+        if output.new_token_ids and output.first_token_time is not None:
+            self.ttft.labels(label).observe(max(output.first_token_time - output.arrival_time, 0.0))
 
     def _observe_finish(self, output: Any, label: str) -> None:
         self.request_success.labels(output.finish_reason or "unknown").inc()

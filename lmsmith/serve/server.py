@@ -32,6 +32,10 @@ from .router import RouterConfig, create_router_app, drain_router
 logger = logging.getLogger(__name__)
 REPLICA_OPTIONS_ENV = "LMSMITH_REPLICA_OPTIONS"  # options reach a replica by environment, keys stay out of `ps`
 PARENT_PID_ENV = "LMSMITH_PARENT_PID"
+# Methods that need no calibration data, so a model can be quantized as it loads. GPTQ needs
+# calibration: quantize with `lmsmith compress` and serve the saved artifact instead.
+SERVE_QUANT_METHODS = ("int8", "int4", "w8a8")
+INT4_GROUP_PREFERENCE = (64, 32, 128, 256)  # 64: lmsmith.compress's default; the rest: what the kernels accept
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class ServeOptions:
     max_body_bytes: int = 4 * 1024 * 1024
     threads: int | None = None  # torch CPU threads per process; None = torch's default (split over replicas)
     dtype: str | None = None
+    quantize: str | None = None  # one of SERVE_QUANT_METHODS: quantize the linear layers at load
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -68,6 +73,10 @@ class ServeOptions:
             raise ValueError(f"port={self.port} must be in [0, 65535]")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s={self.drain_timeout_s} must be >= 0")
+        if self.quantize is not None and self.quantize not in SERVE_QUANT_METHODS:
+            raise ValueError(f"quantize={self.quantize!r} is not supported; allowed: "
+                             f"{', '.join(SERVE_QUANT_METHODS)} (GPTQ needs calibration data: quantize with "
+                             "`lmsmith compress` and serve the saved artifact)")
         if not self.generate and not (self.embedding_model or self.classifier_model):
             raise ValueError("generate=False needs an embedding_model or a classifier_model to serve")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
@@ -77,13 +86,16 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
           max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, max_waiting_requests: int = 256,
           max_waiting_tokens: int = 1 << 20, num_kv_blocks: int | None = None, embedding_model: str | None = None,
           classifier_model: str | None = None, replicas: int = 1, drain_timeout_s: float = 30.0,
-          **more) -> None:
-    """Serve `model` (default: the embedded SmolLM2) over HTTP until SIGTERM/SIGINT; see ServeOptions."""
+          quantize: str | None = None, **more) -> None:
+    """Serve `model` (default: the embedded SmolLM2) over HTTP until SIGTERM/SIGINT; see ServeOptions.
+
+    quantize: "int8", "int4" or "w8a8" quantizes the linear layers as the model loads (ValueError for
+    anything else); a quantized lmsmith artifact is served as saved, without it."""
     options = ServeOptions(model=model, host=host, port=port, api_keys=tuple(api_keys), max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, max_waiting_requests=max_waiting_requests,
                            max_waiting_tokens=max_waiting_tokens, num_kv_blocks=num_kv_blocks,
                            embedding_model=embedding_model, classifier_model=classifier_model, replicas=replicas,
-                           drain_timeout_s=drain_timeout_s, **more)
+                           drain_timeout_s=drain_timeout_s, quantize=quantize, **more)
     serve_options(options)
 
 
@@ -132,12 +144,38 @@ def build_engine(options: ServeOptions):
     model, tokenizer = load(options.model, dtype=options.dtype)
     if tokenizer is None:
         raise ValueError(f"{options.model}: a generative model needs a tokenizer (none found next to it)")
+    if options.quantize:
+        quantize_for_serving(model, options.quantize)  # before the engine: its runner packs plain nn.Linear
     config = EngineConfig(
         num_blocks=options.num_kv_blocks, kv_cache_memory_mb=options.kv_cache_memory_mb,
         max_num_seqs=options.max_num_seqs, max_num_batched_tokens=options.max_num_batched_tokens,
         max_waiting_requests=options.max_waiting_requests, max_waiting_tokens=options.max_waiting_tokens,
         max_model_len=options.max_model_len)
     return AsyncEngine(Engine(model, tokenizer, config)), tokenizer
+
+
+def quantize_for_serving(model, method: str) -> None:
+    """Quantize the model's linear layers in place (not lm_head, as `lmsmith compress` does)."""
+    from ..compress.quantize import DEFAULT_EXCLUDE, quantize_model, select_linear_layers
+
+    existing = getattr(model, "quantization_config", None)
+    if existing is not None:
+        raise ValueError(f"the model is already quantized ({existing.method}); serve it without quantize")
+    group_size = 64
+    if method == "int4":
+        group_size = int4_group_size([model.get_submodule(name).in_features
+                                      for name in select_linear_layers(model, exclude=DEFAULT_EXCLUDE)])
+    quantize_model(model, method, group_size=group_size)
+    logger.info("quantized %d linear layers to %s", len(model.quantization_config.modules), method)
+
+
+def int4_group_size(in_features: list[int]) -> int:
+    """The preferred int4 group size that divides every layer's input width."""
+    for size in INT4_GROUP_PREFERENCE:
+        if all(n % size == 0 for n in in_features):
+            return size
+    raise ValueError(f"int4 needs input widths divisible by one of {sorted(INT4_GROUP_PREFERENCE)}; "
+                     f"this model has {sorted(set(in_features))}: use int8 or w8a8")
 
 
 def model_names(model: str | None, served_name: str | None) -> tuple[str, tuple[str, ...]]:

@@ -55,6 +55,7 @@ class _FakeRequest:
     output_ids: list[int] = field(default_factory=list)
     blocks: int = 0
     text: str = ""
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
 
 
@@ -186,6 +187,7 @@ class FakeAsyncEngine:
                 return
             self.waiting.popleft()
             request.blocks, self.free_blocks = need, self.free_blocks - need
+            request.first_scheduled_time = request.first_scheduled_time or time.monotonic()
             self.running[request.request_id] = request
 
     def _decode(self, request: _FakeRequest) -> None:
@@ -222,8 +224,8 @@ class FakeAsyncEngine:
             request_id=request.request_id, new_token_ids=ids, new_text=new_text, text=request.text,
             finished=reason is not None, finish_reason=reason, prompt_tokens=request.prompt_len,
             completion_tokens=len(request.output_ids), cached_tokens=0, arrival_time=request.arrival_time,
-            first_token_time=request.first_token_time, finish_time=time.monotonic() if reason else None,
-            priority=request.priority)
+            first_scheduled_time=request.first_scheduled_time, first_token_time=request.first_token_time,
+            finish_time=time.monotonic() if reason else None, priority=request.priority)
         request.queue.put_nowait(output)
         for hook in self.on_output:
             hook(output)

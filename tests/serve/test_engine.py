@@ -329,6 +329,47 @@ def test_stats_count_tokens_and_finishes():
     assert stats["batched_tokens_total"] == 14 + 4 and stats["num_steps"] >= 2
 
 
+def engine_on_a_manual_clock() -> tuple[Engine, dict[str, list[RequestOutput]]]:
+    """One slot, 4-token budget: `a` (arrives at 0) runs at 10-11; `b` (arrives at 1, 6-token prompt)
+    waits, is first scheduled at 12 (first prefill chunk) and gets its first token at 13."""
+    now = [0.0]
+    engine = Engine(tiny_model(), LetterTokenizer(), EngineConfig(block_size=4, max_num_seqs=1,
+                                                                  max_num_batched_tokens=4), clock=lambda: now[0])
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    engine.add_request("a", [5, 9, 33], params)
+    now[0] = 1.0
+    engine.add_request("b", list(range(40, 46)), params)
+    outputs: dict[str, list[RequestOutput]] = {}
+    for t in (10.0, 11.0, 12.0, 13.0, 14.0):
+        now[0] = t
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    assert not engine.has_unfinished()
+    return engine, outputs
+
+
+def test_outputs_carry_the_first_scheduled_time():
+    _, outputs = engine_on_a_manual_clock()
+    a, b = outputs["a"], outputs["b"]
+    assert [o.first_scheduled_time for o in a] == [10.0, 10.0] and a[0].first_token_time == 10.0
+    assert [o.first_scheduled_time for o in b] == [12.0, 12.0]
+    assert b[0].arrival_time == 1.0 and b[0].first_token_time == 13.0 and b[-1].finish_time == 14.0
+
+
+def test_queue_time_metric_is_arrival_to_first_scheduled():
+    from lmsmith.serve.metrics import ServingMetrics
+
+    _, outputs = engine_on_a_manual_clock()
+    metrics = ServingMetrics()
+    for out in [*outputs["a"], *outputs["b"]]:
+        metrics.observe_output(out)
+    value = metrics.registry.get_sample_value
+    labels = {"priority": "0"}
+    assert value("lmsmith:request_queue_time_seconds_count", labels) == 2
+    assert value("lmsmith:request_queue_time_seconds_sum", labels) == (10 - 0) + (12 - 1)
+    assert value("lmsmith:time_to_first_token_seconds_sum", labels) == (10 - 0) + (13 - 1)
+
+
 # -- the asyncio front --
 
 def async_engine(model=None, tok=None, **config) -> AsyncEngine:

@@ -293,6 +293,30 @@ def test_no_preemption_when_disabled_or_not_strictly_better(config):
     assert first.num_preemptions == 0 and first.finish_time < later.finish_time
 
 
+def test_first_scheduled_time_is_the_first_admission_and_survives_preemption():
+    s = make(max_num_seqs=1)
+    low = add(s, "low", 3, max_tokens=5, priority=5, t=0.0)
+    assert low.first_scheduled_time is None  # queued, not yet scheduled
+    step(s, 1.5)
+    assert low.first_scheduled_time == 1.5 and low.first_token_time == 1.5
+    high = add(s, "high", 3, max_tokens=2, priority=0, t=2.0)
+    out = step(s, 3.0)
+    assert out.preempted_ids == ("low",) and high.first_scheduled_time == 3.0
+    run(s, 4.0)
+    assert low.num_preemptions == 1 and low.finish_reason == "length"
+    assert low.first_scheduled_time == 1.5  # readmitted later, but its queue time ended at 1.5
+
+
+def test_first_scheduled_time_is_set_by_the_first_prefill_chunk():
+    s = make(max_num_batched_tokens=4, block_size=4)
+    r = add(s, "r", 10, max_tokens=2, t=0.0)
+    step(s, 1.0)
+    step(s, 2.0)
+    assert r.first_scheduled_time == 1.0 and r.first_token_time is None  # still prefilling
+    step(s, 3.0)
+    assert r.first_token_time == 3.0 and r.first_scheduled_time == 1.0
+
+
 def drive_with_stream(s: Scheduler, low: Request, steps: int, dt: float) -> int | None:
     """Add one priority-0 request per step; return the step at which `low` is first scheduled."""
     for k in range(steps):
