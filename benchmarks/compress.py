@@ -1,30 +1,41 @@
 """Compression benchmark: quality, size and speed of compressed SmolLM2-135M and MiniLM-L6 variants.
 
 One command:  python benchmarks/compress.py [--quick] [--threads N] [--only smollm2|minilm] [--out DIR]
+(On a machine other jobs share, pass --threads 1: two OpenMP threads fighting for a busy core made
+decoding 4x slower in our measurements.)
 
-SmolLM2-135M-Instruct (the embedded GGUF, dequantized to fp32, is the start model): fp32, int8
-(per-channel RTN), int4 group 64 (RTN and GPTQ), 50% Wanda, 50% magnitude and 2:4 (Wanda scores)
-pruning of the transformer blocks, and Q4_0 written as GGUF by lmsmith's exporter and read back
-(quality and file size only). Perplexity is on the package's held-out paragraphs; calibration
-(GPTQ, Wanda) uses tweets. Decode tokens/s after the prompt, at batch 1 and 8, greedy.
-If llama-cpp-python is installed, the Q4_0 file's perplexity under llama.cpp is added.
+SmolLM2-135M-Instruct (the embedded GGUF, dequantized to fp32, is the start model): fp32; int8
+weight-only (per-channel RTN); int4 group 64 (RTN and GPTQ); W8A8 (int8 weights, dynamic per-token
+int8 activations); int8 / int4 / W8A8 with the tied lm_head quantized too ("+ head": the embedding
+then reads its rows from the quantized head); 50% magnitude vs 50% Wanda and 2:4 (Wanda scores)
+pruning of the transformer blocks; structured pruning (1/3 of the query heads and 25% of the FFN
+neurons removed, calibration importance, no retraining); and Q4_0 written as GGUF by lmsmith's
+exporter and read back (quality and file size only). Perplexity is on the package's held-out
+paragraphs; calibration (GPTQ, Wanda, structured) uses tweets. Decode tokens/s after the prompt, at
+batch 1 and 8, greedy. If llama-cpp-python is installed, the Q4_0 file's perplexity under llama.cpp
+is added.
 
 MiniLM-L6 on tweet sentiment: the shipped recipe compress-minilm-distill (fine-tuned 6-layer
-teacher → distilled 3-layer student → int8), with smaller data under --quick.
+teacher → distilled 3-layer student → int8), with less training data than the recipe's defaults so
+that the whole benchmark stays within about 15 minutes on 2 CPU cores.
 
 Everything runs in this process, one model at a time; each table is relative to its first row.
-The tables and PNG plots are written to --out (default runs/bench-compress).
+The tables and PNG plots are written to --out (default runs/bench-compress). --quick is for
+checking that every row still runs (about a third of the data and decode steps); its numbers are
+not for quoting.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib.util
 import math
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,28 +53,63 @@ from lmsmith.compress.report import (
     plot_tradeoffs,
     quality_metrics,
 )
+from lmsmith.compress.structured import structured_prune
 from lmsmith.io.artifact import new_manifest, save_artifact
 
 BLOCKS = ("layers.*",)  # pruning targets: the transformer blocks (embeddings and head stay dense)
+HELDOUT_WINDOW = 256  # tokens per perplexity window
 
 
-def smollm2_variants() -> list[tuple[str, callable]]:
-    def quant(method, **kw):
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How much data and how many steps each measurement gets (--quick shrinks all of it)."""
+
+    heldout_windows: int  # perplexity windows of HELDOUT_WINDOW tokens (the held-out text has 4)
+    new_tokens: int  # greedy decode steps per LM speed run
+    calibration_batches: int  # of 8 x 128 tweet tokens, for GPTQ / Wanda / structured
+    minilm_sizes: str  # the recipe's data.sizes override
+    distill_epochs: int
+
+
+# Measured on the shared 2-core machine with --threads 1 and 1-2 other jobs running: --quick took 590 s
+# (SmolLM2 7 min, MiniLM 2.4 min). FULL is sized from those timings (an estimate, not a run) for about
+# 18 min there and 11-13 min on a quiet machine.
+# Where it goes: per SmolLM2 row ~25 s of measuring (perplexity, then decode at b1 and b8); applying
+# GPTQ ~110 s (layer-by-layer column loop), Wanda / 2:4 / structured one calibration pass each; MiniLM
+# training ~0.15 s per tweet per teacher epoch (the distill epochs cost ~0.8 of that).
+FULL = Budget(heldout_windows=4, new_tokens=16, calibration_batches=4,
+              minilm_sizes="{train: 1200, validation: 200, test: 1000}", distill_epochs=2)
+QUICK = Budget(heldout_windows=2, new_tokens=8, calibration_batches=2,
+               minilm_sizes="{train: 400, validation: 50, test: 300}", distill_epochs=1)
+
+Apply = Callable[[torch.nn.Module, list], object]
+
+
+def smollm2_variants() -> list[tuple[str, Apply]]:
+    def quant(method: str, **kw) -> Apply:
         return lambda model, cal: quantize_model(model, method, calibration=cal if "gptq" in method else None, **kw)
 
-    def prune(method, sparsity=None):
+    def prune(method: str, sparsity: float | None = None) -> Apply:
         def apply(model, cal):
             prune_model(model, method, sparsity, targets=BLOCKS, calibration=cal if "wanda" in method else None)
             remove_masks(model)
         return apply
 
+    def structured(model, cal):  # 9 query heads in 3 KV groups → 6; 1536 FFN neurons → 1152
+        structured_prune(model, heads=1 / 3, neurons=0.25, importance="calibration", calibration=cal)
+
     return [
         ("int8", quant("int8")),
+        ("int8 + head", quant("int8", include_lm_head=True)),
         ("int4 g64 RTN", quant("int4", group_size=64)),
+        ("int4 g64 RTN + head", quant("int4", group_size=64, include_lm_head=True)),
         ("int4 g64 GPTQ", quant("gptq-int4", group_size=64)),
-        ("50% Wanda", prune("wanda", 0.5)),
+        ("W8A8", quant("w8a8")),
+        ("W8A8 + head", quant("w8a8", include_lm_head=True)),
         ("50% magnitude", prune("magnitude", 0.5)),
+        ("50% Wanda", prune("wanda", 0.5)),
         ("2:4 Wanda", prune("nm-wanda")),
+        ("structured -1/3 heads -25% FFN", structured),
     ]
 
 
@@ -83,12 +129,8 @@ def measure_saved(model, evalset, name: str, settings: MeasureSettings, scratch:
 def gguf_q4_0_rows(base, tok, evalset, scratch: Path) -> list[Measurement]:
     """Q4_0 as llama.cpp stores it: exported by lmsmith, read back (dequantized) and evaluated by lmsmith,
     and by llama.cpp when llama-cpp-python is installed. Quality and file size only (no speed)."""
-    try:
-        from lmsmith.io.gguf_export import export_gguf
-    except ImportError:
-        log("lmsmith.io.gguf_export is not available: skipping the Q4_0 GGUF row")
-        return []
     from lmsmith.api import load
+    from lmsmith.io.gguf_export import export_gguf
 
     path = export_gguf(base, tok, scratch / "smollm2-q4_0.gguf", quant="q4_0")
     model, _ = load(path)
@@ -122,68 +164,90 @@ def llama_cpp_perplexity(path: Path, evalset) -> float:
     return math.exp(nll / count)
 
 
-def run_smollm2(args, out: Path) -> str:
+def smollm2_evalset(tok, budget: Budget):
+    evalset = lm_eval_set(tok, seq_len=HELDOUT_WINDOW, batch_size=budget.heldout_windows)
+    return dataclasses.replace(evalset, batches=evalset.batches[:1])  # one batch: the first N windows
+
+
+def run_smollm2(budget: Budget, out: Path) -> str:
     from lmsmith.api import load
 
-    settings = MeasureSettings(batch_sizes=(1, 8), new_tokens=16 if args.quick else 32)
+    settings = MeasureSettings(batch_sizes=(1, 8), new_tokens=budget.new_tokens)
     base, tok = load("smollm2")
-    evalset = lm_eval_set(tok, seq_len=256)
+    evalset = smollm2_evalset(tok, budget)
     spec = DataSpec(dataset="tweets-sentiment", sizes={"train": 1000, "validation": 0, "test": 0}, seq_len=128,
-                    calibration_batches=4 if args.quick else 8, calibration_batch_size=8)
+                    calibration_batches=budget.calibration_batches, calibration_batch_size=8)
     calibration = StepData(spec, tok, "lm").calibration
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
         scratch = Path(tmp)
-        log("SmolLM2: measuring fp32")
+        started = time.perf_counter()
         rows.append(measure_saved(base, evalset, "fp32", settings, scratch))
+        log(f"SmolLM2: fp32 measured in {time.perf_counter() - started:.0f}s")
         for name, apply in smollm2_variants():
-            started = time.perf_counter()
-            model = copy.deepcopy(base)
-            apply(model, calibration)
-            log(f"SmolLM2: {name} applied in {time.perf_counter() - started:.0f}s, measuring")
-            rows.append(measure_saved(model, evalset, name, settings, scratch))
-            log(f"SmolLM2: {name}: perplexity {rows[-1].quality['perplexity']:.2f}")
-            del model
-        if not args.quick:
-            rows += gguf_q4_0_rows(base, tok, evalset, scratch)
+            rows.append(apply_and_measure(base, name, apply, calibration, evalset, settings, scratch))
+        started = time.perf_counter()
+        rows += gguf_q4_0_rows(base, tok, evalset, scratch)
+        log(f"SmolLM2: Q4_0 GGUF exported and evaluated in {time.perf_counter() - started:.0f}s")
     plot_tradeoffs(rows, out / "smollm2", "SmolLM2-135M")
     title = (f"SmolLM2-135M-Instruct, perplexity on {int(rows[0].quality['tokens'])} held-out tokens, "
              f"greedy decode of {settings.new_tokens} tokens; ratios against fp32")
-    return f"{title}\n\n{markdown_table(rows)}"
+    return f"{title}\n\n{markdown_table(rows)}\n\n{decode_latency_table(rows)}"
 
 
-def run_minilm(args, out: Path) -> str:
-    overrides = [f"output={out / 'minilm'}", "keep_intermediate=true"]
-    if args.quick:
-        overrides += ["data.sizes={train: 1000, validation: 100, test: 500}", "steps.1.distill.train.epochs=1"]
+def apply_and_measure(base, name: str, apply: Apply, calibration, evalset, settings, scratch: Path) -> Measurement:
+    started = time.perf_counter()
+    model = copy.deepcopy(base)
+    apply(model, calibration)
+    applied = time.perf_counter() - started
+    row = measure_saved(model, evalset, name, settings, scratch)
+    log(f"SmolLM2: {name}: applied in {applied:.0f}s, measured in {time.perf_counter() - started - applied:.0f}s, "
+        f"perplexity {row.quality['perplexity']:.2f}")
+    return row
+
+
+def decode_latency_table(rows: list[Measurement]) -> str:
+    """Milliseconds per decode step at batch 1, to show what quantizing the lm_head saves."""
+    lines = ["Decode step at batch 1 (ms/token):", "", "| model | ms/token |", "|---|---|"]
+    lines += [f"| {m.name} | {m.speed['b1_latency_ms']:.1f} |" for m in rows if "b1_latency_ms" in m.speed]
+    return "\n".join(lines)
+
+
+def run_minilm(budget: Budget, out: Path) -> str:
+    overrides = [f"output={out / 'minilm'}", "keep_intermediate=true", f"data.sizes={budget.minilm_sizes}",
+                 f"steps.1.distill.train.epochs={budget.distill_epochs}",
+                 # a benchmark reports every row: the recipe's quality gates would stop at a failing step
+                 "steps.1.distill.gate={macro_f1: {max_drop: 1.0}}", "steps.2.quantize.gate={macro_f1: {max_drop: 1.0}}"]
+    started = time.perf_counter()
     result = run_recipe("compress-minilm-distill", overrides, log=log)
+    log(f"MiniLM: recipe ran in {time.perf_counter() - started:.0f}s")
     rows = list(result.measurements[1:])  # the source row has an untrained head; the teacher is 01-finetune
     names = {"01-finetune": "teacher (6 layers)", "02-distill": "distilled (3 layers)", "03-quantize": "distilled + int8"}
     rows = [Measurement(**{**r.to_dict(), "name": names.get(r.name, r.name)}) for r in rows]
-    test_size = 500 if args.quick else 1000
+    test_size = budget.minilm_sizes.split("test:")[1].strip(" }")
     title = f"MiniLM-L6 tweet sentiment ({test_size} test tweets); ratios against the fine-tuned teacher"
     return f"{title}\n\n{markdown_table(rows)}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="less data, fewer decode tokens, no GGUF row")
+    p.add_argument("--quick", action="store_true", help="a fraction of the data and decode steps: a smoke run")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--only", choices=["smollm2", "minilm"], default=None)
     p.add_argument("--out", type=Path, default=Path("runs/bench-compress"))
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    budget = QUICK if args.quick else FULL
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     sections = []
-    if args.only in (None, "smollm2"):
-        sections.append(run_smollm2(args, args.out))
-    if args.only in (None, "minilm"):
-        sections.append(run_minilm(args, args.out))
-    text = "\n\n".join(sections)
-    (args.out / "tables.md").write_text(text + "\n")
-    print(f"\n{text}\n\n(torch threads: {torch.get_num_threads()}, total {time.perf_counter() - started:.0f}s; "
+    for name, run in (("smollm2", run_smollm2), ("minilm", run_minilm)):
+        if args.only in (None, name):
+            sections.append(run(budget, args.out))
+            print(f"\n{sections[-1]}\n", flush=True)  # each table as soon as it exists
+            (args.out / "tables.md").write_text("\n\n".join(sections) + "\n")
+    print(f"(torch threads: {torch.get_num_threads()}, total {time.perf_counter() - started:.0f}s; "
           f"tables and plots in {args.out})")
 
 

@@ -10,6 +10,13 @@ Integer convention used throughout: ``w ≈ q * scale + offset`` with ``q`` a si
 and ``offset`` zero for symmetric quantization. For int4 the stored value is ``q + 8`` (0..15), two
 per byte, the even input column in the low nibble. The float offset (not an integer zero point) is
 what the tinygemm int4 kernels consume; it is saved under the ``zeros`` key.
+
+Tied embeddings: when a quantized Linear shares its weight with an nn.Embedding (an LM head tied to
+the input embedding, SmolLM2's 49152 x 576 matrix), the embedding becomes a `QuantizedEmbedding`
+that looks up rows of the Linear's quantized weight and dequantizes only those. The matrix stays one
+tensor, now quantized: the state dict holds it once, under the Linear's keys (as tied models already
+leave out ``lm_head.weight``), and artifacts shrink instead of growing by an untied float copy.
+The output head is excluded by default (DEFAULT_EXCLUDE); ``include_lm_head=True`` quantizes it.
 """
 
 from __future__ import annotations
@@ -51,16 +58,20 @@ class QuantizationConfig:
     group_size: int | None  # None: one scale per output channel
     symmetric: bool
     modules: tuple[str, ...]
+    # (embedding, quantized Linear whose weight it was tied to): the embedding reads that Linear's rows
+    tied_embeddings: tuple[tuple[str, str], ...] = ()
     format: str = CONFIG_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "modules": list(self.modules)}
+        return {**asdict(self), "modules": list(self.modules),
+                "tied_embeddings": [list(pair) for pair in self.tied_embeddings]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantizationConfig:
         if data.get("format") != CONFIG_FORMAT:
             raise ValueError(f"quantization config format {data.get('format')!r}; expected {CONFIG_FORMAT!r}")
-        config = cls(**{**data, "modules": tuple(data["modules"])})
+        tied = tuple(tuple(pair) for pair in data.get("tied_embeddings", ()))  # absent in older configs
+        config = cls(**{**data, "modules": tuple(data["modules"]), "tied_embeddings": tied})
         _method_spec(config.method)  # validates the name
         return config
 
@@ -523,6 +534,10 @@ class QuantizedLinear(nn.Module):
     def dequantize_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Float rows `rows` (any shape of indices) of the weight, shaped (*rows.shape, in_features)."""
+        return self.dequantize_weight()[rows]
+
     def _reference_matmul(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize_weight().to(x.dtype))
 
@@ -622,6 +637,9 @@ class _Int8StorageLinear(QuantizedLinear):
     def dequantize_weight(self) -> torch.Tensor:
         return self.qweight.to(self.scales.dtype) * self.scales[:, None]
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.qweight[rows].to(self.scales.dtype) * self.scales[rows].unsqueeze(-1)
+
 
 class Int8WeightOnlyLinear(_Int8StorageLinear):
     """Weight-only int8; activations stay float. Fast path: ``aten._weight_int8pack_mm``."""
@@ -688,8 +706,40 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         q = unpack_int4(self.qweight)
         return dequantize_int4_grouped(q, self.scales, self.zeros, self.group_size).to(self.scales.dtype)
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        flat = rows.reshape(-1)
+        zeros = None if self.zeros is None else self.zeros[flat]
+        w = dequantize_int4_grouped(unpack_int4(self.qweight[flat]), self.scales[flat], zeros, self.group_size)
+        return w.to(self.scales.dtype).reshape(*rows.shape, self.in_features)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}, symmetric={self.symmetric}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding table that is the (quantized) weight of a tied Linear, e.g. the LM head: a lookup
+    dequantizes only the rows it reads. It owns no tensors, so the state dict keeps the matrix once,
+    under the Linear's keys; it follows the Linear through `.to()`, `load_state_dict` and deepcopy."""
+
+    def __init__(self, source: QuantizedLinear):
+        super().__init__()
+        self._source = (source,)  # a tuple keeps nn.Module from registering it: no duplicate keys
+        self.num_embeddings, self.embedding_dim = source.out_features, source.in_features
+
+    @property
+    def source(self) -> QuantizedLinear:
+        return self._source[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole dequantized table, for code that reads ``embedding.weight``: costs a full copy."""
+        return self.source.dequantize_weight()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.source.dequantize_rows(ids)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {type(self.source).__name__} rows"
 
 
 _MODULE_CLASSES = {
@@ -748,34 +798,74 @@ def quantize_model(
     calibration: Iterable[Any] | None = None,
     gptq_damp: float = 0.01,
     gptq_block_size: int = 128,
+    include_lm_head: bool = False,
 ) -> QuantizationConfig:
     """Replace the selected `nn.Linear` layers of `model` in place by quantized ones.
 
     `method` is one of QUANT_METHODS; `group_size` applies to int4 methods only; `symmetric=None`
     picks asymmetric for int4 and symmetric for int8. GPTQ methods need `calibration`: an iterable
     of model inputs (tensor, tuple of args or dict of kwargs). All layer Hessians come from one
-    calibration pass over the float model. The returned config is also set as
-    ``model.quantization_config``.
+    calibration pass over the float model. `include_lm_head=True` quantizes the output head too
+    (the DEFAULT_EXCLUDE names), whatever `targets`/`exclude` say about it. A layer tied to an
+    embedding shares its quantized weight with it (see the module docstring); with GPTQ such a layer
+    is rounded to nearest, because GPTQ's error feedback would tune the rows for the head's outputs
+    only, not as embedding vectors. The returned config is also set as ``model.quantization_config``.
     """
     spec = _method_spec(method)
     if getattr(model, "quantization_config", None) is not None:
         raise ValueError("model is already quantized; call dequantize_model first")
-    names = select_linear_layers(model, targets, exclude)
+    names = _selected_layers(model, targets, exclude, include_lm_head)
+    tied = tied_embeddings(model, names)
     config = QuantizationConfig(
         method,
         spec.bits,
         group_size if spec.grouped else None,
         _resolve_symmetric(method, spec, symmetric),
         tuple(names),
+        tied,
     )
     _check_group_size(model, names, config.group_size)
-    hessians = _gptq_hessians(model, names, calibration) if spec.gptq else {}
+    untied = [name for name in names if name not in {linear for _, linear in tied}]
+    hessians = _gptq_hessians(model, untied, calibration) if spec.gptq else {}
     gptq_args = {"damp": gptq_damp, "block_size": gptq_block_size}
     for name in names:
         linear = model.get_submodule(name)
         replace_submodule(model, name, _quantize_linear(linear, config, hessians.pop(name, None), gptq_args))
+    _tie_quantized_embeddings(model, tied)
     model.quantization_config = config
     return config
+
+
+def _selected_layers(
+    model: nn.Module, targets: Sequence[str], exclude: Sequence[str], include_lm_head: bool
+) -> list[str]:
+    if not include_lm_head:
+        return select_linear_layers(model, targets, exclude)
+    if isinstance(targets, str) or isinstance(exclude, str):
+        raise TypeError("targets and exclude are sequences of patterns, not a single string")
+    heads = [n for n, m in model.named_modules() if type(m) is nn.Linear and name_matches(n, DEFAULT_EXCLUDE)]
+    if not heads:
+        raise ValueError(f"include_lm_head=True, but the model has no nn.Linear named like {DEFAULT_EXCLUDE}")
+    kept_exclude = [p for p in exclude if p not in DEFAULT_EXCLUDE]
+    return select_linear_layers(model, (*targets, *DEFAULT_EXCLUDE), kept_exclude)
+
+
+def tied_embeddings(model: nn.Module, linear_names: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """(embedding name, linear name) for each nn.Embedding whose weight *is* one of the named
+    Linears' weight (tied input and output embeddings)."""
+    by_weight = {id(model.get_submodule(n).weight): n for n in linear_names}
+    return tuple(
+        (name, by_weight[id(module.weight)])
+        for name, module in model.named_modules()
+        if type(module) is nn.Embedding and id(module.weight) in by_weight
+    )
+
+
+def _tie_quantized_embeddings(model: nn.Module, tied: Sequence[tuple[str, str]]) -> None:
+    for embedding, linear in tied:
+        if type(model.get_submodule(embedding)) is not nn.Embedding:
+            raise ValueError(f"tied embedding {embedding!r} is not an nn.Embedding in this model")
+        replace_submodule(model, embedding, QuantizedEmbedding(model.get_submodule(linear)))
 
 
 def _gptq_hessians(model: nn.Module, names: Sequence[str], calibration: Iterable[Any] | None) -> dict:
@@ -799,6 +889,7 @@ def apply_quantization_config(model: nn.Module, config: QuantizationConfig | dic
         args = (linear.in_features, linear.out_features, linear.bias is not None)
         extra = (config.group_size, config.symmetric) if cls is Int4WeightOnlyLinear else ()
         replace_submodule(model, name, cls(*args, *extra).to(linear.weight.device))
+    _tie_quantized_embeddings(model, config.tied_embeddings)
     model.quantization_config = config
     return config
 
@@ -843,10 +934,21 @@ def load_quantized(model: nn.Module, path: str) -> QuantizationConfig:
 
 
 def dequantize_model(model: nn.Module) -> int:
-    """Replace every quantized layer by a float nn.Linear; returns how many were replaced."""
+    """Replace every quantized layer by a float nn.Linear (re-tying embeddings that shared its
+    weight); returns how many Linears were replaced."""
     names = [name for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
+    embeddings = [(name, module.source) for name, module in model.named_modules()
+                  if isinstance(module, QuantizedEmbedding)]
+    floats = {}
     for name in names:
-        replace_submodule(model, name, model.get_submodule(name).to_linear())
+        quantized = model.get_submodule(name)
+        floats[id(quantized)] = quantized.to_linear()
+        replace_submodule(model, name, floats[id(quantized)])
+    for name, source in embeddings:
+        weight = floats[id(source)].weight
+        table = nn.Embedding(source.out_features, source.in_features, _weight=weight)  # no random init
+        table.weight = weight  # the same Parameter: tied again
+        replace_submodule(model, name, table)
     if hasattr(model, "quantization_config"):
         del model.quantization_config
     return len(names)

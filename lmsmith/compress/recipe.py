@@ -131,6 +131,7 @@ class QuantizeStep:
     symmetric: bool | None = None
     targets: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    include_lm_head: bool = False  # quantize the output head too (a tied embedding then shares it)
 
 
 STEP_SETTINGS: dict[str, type] = {"finetune": FinetuneStep, "prune": PruneStep, "structured": StructuredStep,
@@ -504,9 +505,10 @@ def run_distill(teacher, s: DistillStep, run: StepRun):
 def run_quantize(model, s: QuantizeStep, run: StepRun):
     calibration = _calibration_for(model, run) if s.method.startswith("gptq") else None
     config = quantize_model(model, s.method, group_size=s.group_size, symmetric=s.symmetric, targets=s.targets,
-                            exclude=s.exclude, calibration=calibration)
+                            exclude=s.exclude, calibration=calibration, include_lm_head=s.include_lm_head)
     return model, {"method": config.method, "bits": config.bits, "group_size": config.group_size,
-                   "quantized_layers": len(config.modules)}
+                   "quantized_layers": len(config.modules),
+                   "tied_embeddings": [list(pair) for pair in config.tied_embeddings]}
 
 
 STEP_RUNNERS = {"finetune": run_finetune, "prune": run_prune, "structured": run_structured,

@@ -1,9 +1,11 @@
 """lmsmith artifacts: an HF model folder plus `lmsmith.json`, the manifest of where the model came
 from, what was done to it and what was measured.
 
-Float models stay loadable by `transformers` (config.json + model.safetensors in HF names).
-Quantized models store packed weights under our module names and are rebuilt from the manifest's
-quantization config, so they load without re-quantizing.
+Float models are written in HF names (config.json + model.safetensors), so `transformers` loads them
+as long as config.json can describe them, but lmsmith rebuilds them from the manifest's own
+ModelConfig: a structurally pruned BERT / GPT-2 / GPT-NeoX has a head_dim that config.json cannot
+carry. Quantized models store packed weights under our module names and are rebuilt from the
+manifest's quantization config, so they load without re-quantizing.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import torch
 from safetensors.torch import save_file
 
 from ..model.config import ModelConfig
+from ..model.families import FAMILIES
 from ..model.transformer import Transformer
-from .checkpoint import load_hf_folder, read_tensors, replace_dir, save_hf_folder
-from .weights import CheckpointError
+from .checkpoint import build_model, load_hf_folder, read_tensors, replace_dir, save_hf_folder, weight_files
+from .weights import CheckpointError, detect_base_prefix, to_theirs
 
 MANIFEST = "lmsmith.json"
 FORMAT = "lmsmith-artifact/1"
@@ -84,26 +87,77 @@ def load_artifact(path: str | os.PathLike, dtype=torch.float32, device="cpu"):
 
     folder = Path(path)
     manifest = read_manifest(folder)
-    config = ModelConfig.from_dict(manifest["config"])
-    if manifest.get("quantization"):
-        model = _load_quantized(folder, config, manifest["quantization"], device)
+    if not manifest.get("config"):  # hand-written manifests: config.json is all there is
+        model = load_hf_folder(folder, dtype=dtype, device=device)
+    elif manifest.get("quantization"):
+        model = _load_quantized(folder, _manifest_config(folder, manifest), manifest["quantization"], device)
     else:
-        model = load_hf_folder(folder, task=config.task, labels=config.labels, dtype=dtype, device=device)
+        model = _load_float(folder, _manifest_config(folder, manifest), dtype, device)
     model.manifest = manifest
     tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").exists() else None
     return model.eval(), tokenizer
+
+
+def _manifest_config(folder: Path, manifest: dict) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(manifest["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / MANIFEST}: invalid model config ({e})") from e
+
+
+def _load_float(folder: Path, config: ModelConfig, dtype, device) -> Transformer:
+    """Rebuild from the manifest's ModelConfig, not config.json (see the module docstring)."""
+    tensors = read_tensors(weight_files(folder))
+    check_tensors_match_config(tensors, config, str(folder))
+    return build_model(config, tensors, str(folder), dtype, device)
+
+
+def check_tensors_match_config(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
+    """Raise CheckpointError naming the first checkpoint tensor (HF name) whose shape differs from
+    what `config` expects. Checked up front because fused layouts (GPT-NeoX's per-head qkv) would
+    otherwise fail inside a reshape with a message that names no tensor. Missing tensors are left to
+    `build_model`, which knows the historical aliases."""
+    try:
+        expected = expected_checkpoint_shapes(config, set(tensors))
+    except RuntimeError as e:  # e.g. grouped-query sizes in a family whose fused qkv assumes one KV head per head
+        raise CheckpointError(f"{source}: the manifest config ({_size_summary(config)}) cannot be laid out "
+                              f"in {config.family} checkpoint tensors: {e}") from e
+    for name, shape in expected.items():
+        stored = tensors.get(name)
+        if stored is not None and tuple(stored.shape) != shape:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(stored.shape)}, but the manifest config "
+                f"({_size_summary(config)}) expects {shape}"
+            )
+
+
+def expected_checkpoint_shapes(config: ModelConfig, names: set[str]) -> dict[str, tuple[int, ...]]:
+    """Checkpoint name → shape for a model built from `config`, with the backbone prefix ("bert.",
+    "model.") the checkpoint `names` use (task checkpoints nest the backbone, bare ones do not)."""
+    with torch.device("meta"):
+        expected = to_theirs(Transformer(config).state_dict(), config)
+    default, used = FAMILIES[config.family].base_prefix, detect_base_prefix(config, names)
+    return {used + n.removeprefix(default) if default and n.startswith(default) else n: tuple(t.shape)
+            for n, t in expected.items()}
+
+
+def _size_summary(config: ModelConfig) -> str:
+    return (f"num_layers={config.num_layers}, num_heads={config.num_heads}, num_kv_heads={config.kv_heads}, "
+            f"head_dim={config.dim_per_head}, intermediate_size={config.intermediate_size}")
 
 
 def _load_quantized(folder: Path, config: ModelConfig, qdict: dict, device) -> Transformer:
     from ..compress.quantize import QuantizationConfig, apply_quantization_config
 
     model = Transformer(config)
-    apply_quantization_config(model, QuantizationConfig.from_dict(qdict))
+    qconfig = QuantizationConfig.from_dict(qdict)
+    apply_quantization_config(model, qconfig)
     state = read_tensors([folder / "model.safetensors"])
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith(("lm_head.weight", "decoder.weight"))
                or not config.tie_word_embeddings]
     if missing:
         raise CheckpointError(f"{folder / 'model.safetensors'}: missing tensors {missing[:5]}")
-    model.tie_weights()
+    if not qconfig.tied_embeddings:  # else the embedding already reads the quantized head's rows
+        model.tie_weights()
     return model.to(device)

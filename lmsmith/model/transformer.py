@@ -193,11 +193,13 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.tokens.weight.device
+        # Not embed.tokens.weight: a quantized tied embedding would dequantize the whole table to answer.
+        return next(self.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.tokens.weight.dtype
+        """The compute dtype: that of the first floating-point parameter (float32 if none)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _prepend_visible(mask, num_prefix: int, B: int, T: int, num_keys: int) -> torch.Tensor:

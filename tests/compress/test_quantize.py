@@ -12,6 +12,7 @@ from lmsmith.compress.quantize import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
     QuantizationConfig,
+    QuantizedEmbedding,
     apply_quantization_config,
     dequantize_int4_grouped,
     dequantize_int8_per_channel,
@@ -410,3 +411,122 @@ def test_model_size_counts_tied_weights_once():
     untied = model_size_bytes(model)
     model.lm_head.weight = model.embed["tokens"].weight
     assert model_size_bytes(model) == untied - 50 * 64 * 4
+
+
+# ---- the output head and tied embeddings ----------------------------------------------------------
+def tied_toy(seed: int = 0) -> Toy:
+    model = toy(seed)
+    model.lm_head.weight = model.embed["tokens"].weight  # like SmolLM2: one matrix for input and output
+    return model
+
+
+@pytest.mark.parametrize("cls,kwargs", [(Int8WeightOnlyLinear, {}), (DynamicInt8Linear, {}),
+                                        (Int4WeightOnlyLinear, {"group_size": 32, "symmetric": False}),
+                                        (Int4WeightOnlyLinear, {"group_size": 32, "symmetric": True})])
+def test_dequantize_rows_equals_rows_of_the_dequantized_weight(cls, kwargs):
+    module = cls.from_linear(linear(64, 50), **kwargs)
+    rows = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    got = module.dequantize_rows(rows)
+    assert got.shape == (2, 3, 64)
+    assert torch.equal(got, module.dequantize_weight()[rows])
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "w8a8"])
+def test_include_lm_head_quantizes_a_tied_head_and_the_embedding_reads_its_rows(method):
+    model = tied_toy()
+    x = ids()
+    with torch.no_grad():
+        reference = model(x)
+    config = quantize_model(model, method, group_size=32, include_lm_head=True)
+    assert "lm_head" in config.modules and config.tied_embeddings == (("embed.tokens", "lm_head"),)
+    embedding = model.embed["tokens"]
+    assert isinstance(embedding, QuantizedEmbedding) and embedding.source is model.lm_head
+    assert torch.equal(embedding(x), model.lm_head.dequantize_weight()[x])
+    keys = set(model.state_dict())
+    assert "lm_head.qweight" in keys and not any(k.startswith("embed.") for k in keys)  # stored once
+    with torch.no_grad():
+        assert rel_err(model(x), reference) < (0.15 if method == "int4" else 0.03)
+
+
+def test_include_lm_head_overrides_targets_and_default_exclude_only():
+    model = toy()  # untied: the embedding is a separate matrix and stays float
+    config = quantize_model(model, "int8", targets=["layers.0.*"], exclude=["layers.0.mlp.*"], include_lm_head=True)
+    assert config.modules == ("layers.0.attn.q_proj", "layers.0.attn.v_proj", "lm_head")
+    assert config.tied_embeddings == () and type(model.embed["tokens"]) is nn.Embedding
+
+
+def test_include_lm_head_without_a_head_is_an_error():
+    model = toy()
+    del model.lm_head
+    with pytest.raises(ValueError, match="include_lm_head"):
+        quantize_model(model, "int8", include_lm_head=True)
+
+
+def test_tied_layer_is_found_even_when_excluding_nothing():
+    model = tied_toy()
+    config = quantize_model(model, "int8", exclude=())
+    assert config.tied_embeddings == (("embed.tokens", "lm_head"),)
+    assert isinstance(model.embed["tokens"], QuantizedEmbedding)
+
+
+def test_gptq_rounds_a_tied_head_to_nearest():
+    model = tied_toy()
+    head_rtn, _, _ = quantize_int4_grouped(model.lm_head.weight.detach(), 32, False)
+    up_rtn, _, _ = quantize_int4_grouped(model.layers[0].mlp["up_proj"].weight.detach(), 32, False)
+    quantize_model(model, "gptq-int4", group_size=32, include_lm_head=True, calibration=[ids(seed=s) for s in range(2)])
+    assert torch.equal(unpack_int4(model.lm_head.qweight), head_rtn)
+    # untied layers still get GPTQ's error feedback
+    assert not torch.equal(unpack_int4(model.layers[0].mlp["up_proj"].qweight), up_rtn)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_tied_quantized_head_round_trips_through_save_and_load(method, tmp_path):
+    model = tied_toy()
+    quantize_model(model, method, group_size=32, include_lm_head=True)
+    save_quantized(model, tmp_path / "q.safetensors")
+    fresh = tied_toy(seed=7)
+    config = load_quantized(fresh, tmp_path / "q.safetensors")  # strict: the keys match exactly
+    assert config == model.quantization_config
+    assert isinstance(fresh.embed["tokens"], QuantizedEmbedding) and fresh.embed["tokens"].source is fresh.lm_head
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_configs_written_before_tied_embeddings_still_load():
+    model = toy()
+    config = quantize_model(model, "int8")
+    old = {k: v for k, v in config.to_dict().items() if k != "tied_embeddings"}
+    fresh = toy(seed=3)
+    assert apply_quantization_config(fresh, old).tied_embeddings == ()
+    fresh.load_state_dict(model.state_dict())
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_tied_embedding_must_be_an_embedding():
+    model = toy()
+    config = QuantizationConfig("int8", 8, None, True, ("lm_head",), (("layers.0.attn.q_proj", "lm_head"),))
+    with pytest.raises(ValueError, match="layers.0.attn.q_proj"):
+        apply_quantization_config(model, config)
+
+
+def test_dequantize_model_ties_the_embedding_again():
+    model = tied_toy()
+    quantize_model(model, "int8", include_lm_head=True)
+    x = ids()
+    with torch.no_grad():
+        expected = model.embed["tokens"](x)
+    dequantize_model(model)
+    assert type(model.embed["tokens"]) is nn.Embedding and model.embed["tokens"].weight is model.lm_head.weight
+    torch.testing.assert_close(model.embed["tokens"](x), expected)
+
+
+def test_quantizing_a_tied_head_shrinks_the_model_further():
+    sizes = {}
+    for head in (False, True):
+        model = tied_toy()
+        quantize_model(model, "int8", include_lm_head=head)
+        sizes[head] = model_size_bytes(model)
+    assert sizes[False] - sizes[True] == 50 * 64 * 4 - (50 * 64 + 50 * 4)  # fp32 table → int8 + row scales

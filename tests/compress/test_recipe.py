@@ -191,3 +191,16 @@ def test_cli_runs_a_recipe_file_and_reports_a_failed_gate_cleanly(tiny_lm_folder
     err = capsys.readouterr().err
     assert "lmsmith compress: error:" in err and "quality gate failed: perplexity" in err
     assert "Kept the last passing artifact: the source model" in err
+
+
+def test_quantize_step_can_include_the_tied_lm_head(tiny_lm_folder, tmp_path):
+    from lmsmith.compress.quantize import QuantizedEmbedding
+
+    steps = [{"quantize": {"method": "int8", "include_lm_head": True}}]
+    result = run_recipe(parse_recipe(lm_recipe(tiny_lm_folder, tmp_path / "out", steps)), log=lambda _: None)
+    manifest = json.loads((result.final / "lmsmith.json").read_text())
+    assert manifest["history"][1]["result"]["tied_embeddings"] == [["embed.tokens", "lm_head"]]
+    assert "lm_head" in manifest["quantization"]["modules"]
+    model, _ = load(result.final)
+    assert isinstance(model.embed.tokens, QuantizedEmbedding)
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size

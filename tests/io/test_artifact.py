@@ -47,3 +47,31 @@ def test_bad_manifest_is_named(tmp_path):
     (tmp_path / "a" / "lmsmith.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(CheckpointError, match="lmsmith.json"):
         load_artifact(tmp_path / "a")
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "w8a8"])
+def test_quantized_tied_head_round_trips_and_shrinks_the_artifact(tmp_path, method):
+    from safetensors import safe_open
+
+    from lmsmith.compress.quantize import QuantizedEmbedding
+    from lmsmith.generation import GenerationConfig, iter_tokens
+
+    sizes = {}
+    for head in (False, True):
+        model = tiny()
+        quantize_model(model, method, group_size=32, include_lm_head=head)
+        sizes[head] = (save_artifact(model, tmp_path / str(head)) / "model.safetensors").stat().st_size
+    loaded, _ = load_artifact(tmp_path / "True")
+    assert isinstance(loaded.embed.tokens, QuantizedEmbedding) and loaded.embed.tokens.source is loaded.lm_head
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    with safe_open(str(tmp_path / "True" / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    assert "lm_head.qweight" in stored and not any(k.startswith("embed.tokens") for k in stored)
+    ids = torch.randint(0, 512, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    def greedy(m):  # the KV-cache decode path (model.device, embedding lookups of single tokens)
+        return [t.tolist() for t in iter_tokens(m, [[1, 2, 3], [4, 5]], GenerationConfig(max_new_tokens=4), 0)]
+
+    assert greedy(loaded) == greedy(model)
+    assert sizes[True] < sizes[False]  # the float 512 x 64 table became the int8/int4 head
