@@ -32,7 +32,7 @@ def test_packing_a_model_keeps_logits_and_state_dict_keys():
     with torch.no_grad():
         want = model(ids).logits
         keys = list(model.state_dict())
-        names = pack_linears(model)
+        names = pack_linears(model, min_weight_elements=0)
         got = model(ids).logits
     assert "layers.0.attn.q_proj" in names and "layers.0.mlp.down_proj" in names
     assert all(isinstance(model.get_submodule(n), PackedLinear) for n in names)
@@ -42,7 +42,7 @@ def test_packing_a_model_keeps_logits_and_state_dict_keys():
 
 def test_packed_state_dict_round_trips_into_plain_model():
     packed = tiny_llama()
-    pack_linears(packed)
+    pack_linears(packed, min_weight_elements=0)
     plain = Transformer(PRESETS["tiny-llama"]).eval()
     plain.load_state_dict(packed.state_dict())
     ids = torch.randint(0, plain.config.vocab_size, (1, 5))
@@ -52,7 +52,7 @@ def test_packed_state_dict_round_trips_into_plain_model():
 
 def test_loading_a_state_dict_repacks_and_rejects_wrong_shapes():
     source, target = tiny_llama(), Transformer(PRESETS["tiny-llama"]).eval()
-    pack_linears(target)
+    pack_linears(target, min_weight_elements=0)
     target.load_state_dict(source.state_dict())
     ids = torch.randint(0, source.config.vocab_size, (1, 5))
     with torch.no_grad():
@@ -65,7 +65,7 @@ def test_loading_a_state_dict_repacks_and_rejects_wrong_shapes():
 
 def test_unpack_restores_trainable_linears_and_deepcopy_works():
     model = tiny_llama()
-    names = pack_linears(model, exclude=("lm_head",))
+    names = pack_linears(model, exclude=("lm_head",), min_weight_elements=0)
     assert "lm_head" not in names
     clone = copy.deepcopy(model)
     ids = torch.randint(0, model.config.vocab_size, (1, 4))
@@ -85,5 +85,11 @@ def test_packed_linear_refuses_autograd():
 
 def test_non_float32_or_subclassed_linears_are_left_alone():
     model = nn.Sequential(nn.Linear(4, 4).to(torch.bfloat16), nn.Linear(4, 4))
-    assert pack_linears(model) == ["1"]
+    assert pack_linears(model, min_weight_elements=0) == ["1"]
     assert isinstance(model[0], nn.Linear)
+
+
+def test_by_default_only_large_weights_are_packed():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(4096, 1024, bias=False))
+    assert pack_linears(model) == ["1"]
+    assert isinstance(model[0], nn.Linear) and isinstance(model[1], PackedLinear)
