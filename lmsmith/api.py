@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -61,15 +61,89 @@ def _load_gguf(path: Path, task, dtype, device):
 
 
 def _load_folder(path: Path, task, labels, dtype, device, allow_pickle):
-    from .io.artifact import is_artifact, load_artifact
+    from .io.artifact import is_artifact
     from .io.checkpoint import load_hf_folder
-    from .tokenizer import Tokenizer
 
     if is_artifact(path):
-        return load_artifact(path, dtype=dtype, device=device)
+        return _load_artifact_as(path, task, labels, dtype, device)
     model = load_hf_folder(path, task=task, labels=labels, dtype=dtype, device=device, allow_pickle=allow_pickle)
-    tokenizer = Tokenizer.from_folder(path) if (path / "tokenizer.json").exists() else None
-    return model, tokenizer
+    return model, _folder_tokenizer(path)
+
+
+def _folder_tokenizer(path: Path):
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.from_folder(path) if (path / "tokenizer.json").exists() else None
+
+
+def _load_artifact_as(path: Path, task: str | None, labels: tuple[str, ...] | None, dtype, device):
+    """An artifact as saved, as another task whose weights it holds (a classifier as `base`), or with
+    its labels in another order (the classifier's rows follow). Unknown label names are an error:
+    the artifact has no weights for them (fine-tuning builds a new head)."""
+    from .io.artifact import check_tensors_match_config, load_artifact, read_manifest
+    from .io.checkpoint import build_model, load_hf_folder, read_tensors, weight_files
+    from .io.weights import CheckpointError
+
+    manifest = read_manifest(path)
+    if not manifest.get("config"):  # a hand-written manifest: config.json describes the model
+        model = load_hf_folder(path, task=task, labels=labels, dtype=dtype, device=device)
+        model.manifest = manifest
+        return model, _folder_tokenizer(path)
+    saved = _manifest_config(path, manifest)
+    task = task or saved.task
+    labels = _artifact_labels(path, saved, task, labels)
+    if task == saved.task and labels == saved.labels:
+        return load_artifact(path, dtype=dtype, device=device)
+    if manifest.get("quantization"):
+        raise CheckpointError(f"{path}: a quantized {saved.task} artifact with labels {saved.labels} loads "
+                              f"only as saved; asked for task={task!r}, labels={labels}")
+    # the manifest's config, not config.json: it also describes models config.json cannot (pruned heads)
+    config, tensors = saved.replace(task=task, labels=labels), read_tensors(weight_files(path))
+    try:
+        check_tensors_match_config(tensors, config, str(path))
+        model = build_model(config, tensors, str(path), dtype, device)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: this artifact holds a {saved.task} model and cannot be loaded as "
+                              f"{task} ({e})") from e
+    if saved.labels and labels and labels != saved.labels:
+        _reorder_classes(model, [saved.labels.index(name) for name in labels])
+    model.manifest = manifest
+    return model, _folder_tokenizer(path)
+
+
+def _manifest_config(path: Path, manifest: dict):
+    from .io.weights import CheckpointError
+    from .model.config import ModelConfig
+
+    try:
+        return ModelConfig.from_dict(manifest["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid model config in the manifest ({e})") from e
+
+
+def _artifact_labels(path: Path, saved, task: str, labels: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The labels to load with: the saved ones unless given; given ones must be a reordering of them."""
+    from .io.weights import CheckpointError
+
+    classifier = task in ("sequence-classification", "token-classification")
+    if labels is None:
+        return saved.labels if classifier else ()
+    labels = tuple(labels)
+    if not classifier:
+        raise ValueError(f"labels={labels} given for task={task!r}; labels apply only to classification tasks")
+    if saved.labels and sorted(labels) != sorted(saved.labels):
+        raise CheckpointError(f"{path}: the classifier was trained on labels {saved.labels}; labels={labels} "
+                              "must be the same names (in any order). Fine-tune it to train a head for others")
+    return labels
+
+
+def _reorder_classes(model: Transformer, order: list[int]) -> None:
+    """Row i of the output layer becomes the saved row order[i] (bias likewise)."""
+    out = model.classifier.out
+    with torch.no_grad():
+        out.weight.copy_(out.weight[order].clone())
+        if out.bias is not None:
+            out.bias.copy_(out.bias[order].clone())
 
 
 def chat(model: Transformer, tokenizer, messages: list[dict], config: GenerationConfig | None = None,

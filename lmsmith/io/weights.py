@@ -17,7 +17,23 @@ class CheckpointError(ValueError):
 
 
 def module_map(config: ModelConfig, base_prefix: str | None = None) -> list[tuple[str, str, str]]:
-    return FAMILIES[config.family].module_map(config, base_prefix)
+    """(our module, checkpoint module, kind) triples; with `base_prefix` the backbone is read from there.
+
+    Head maps hold absolute names, and some heads use modules stored inside the backbone (BERT's
+    classifier pooler is `bert.pooler.dense`): those move with the backbone, so a bare BertModel
+    checkpoint supplies its pooler as `pooler.dense`.
+    """
+    family = FAMILIES[config.family]
+    pairs = family.module_map(config, base_prefix)
+    if base_prefix is None or base_prefix == family.base_prefix:
+        return pairs
+    heads = set(family.head_maps.get(config.task, ()))
+    return [(ours, _reroot(theirs, family.base_prefix, base_prefix) if (ours, theirs, kind) in heads else theirs,
+             kind) for ours, theirs, kind in pairs]
+
+
+def _reroot(name: str, old_prefix: str, new_prefix: str) -> str:
+    return new_prefix + name.removeprefix(old_prefix) if name.startswith(old_prefix) else name
 
 
 def detect_base_prefix(config: ModelConfig, names: set[str]) -> str:
@@ -59,9 +75,14 @@ def _fuse(kind: str, parts: list[torch.Tensor], param: str, config: ModelConfig)
 
 
 def to_ours(
-    theirs: dict[str, torch.Tensor], config: ModelConfig, wanted: set[str], source: str = "checkpoint"
+    theirs: dict[str, torch.Tensor], config: ModelConfig, wanted: set[str], source: str = "checkpoint",
+    optional: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """Checkpoint tensors → our state dict for the keys in `wanted`; returns (state, unused names)."""
+    """Checkpoint tensors → our state dict for the keys in `wanted`; returns (state, unused names).
+
+    A key of `wanted` missing from the checkpoint raises CheckpointError, unless it is in `optional`
+    (a new head's parameters: those found are loaded, the others are left out of the state).
+    """
     prefix = detect_base_prefix(config, set(theirs))
     ours: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -72,6 +93,8 @@ def to_ours(
                 continue
             their_name = f"{their_module}.{param}"
             stored = _lookup(theirs, their_name)
+            if stored is None and all(n in optional for n in our_names):
+                continue
             if stored is None:
                 raise CheckpointError(f"{source}: missing tensor {their_name!r} (needed for {our_names[0]!r})")
             used.add(stored)

@@ -184,8 +184,9 @@ def scratch_config(section: ModelSection, tokenizer: Tokenizer, task: str, label
 
 def load_pretrained(source: str, task: str, labels: tuple[str, ...], dtype) -> tuple[Transformer, Tokenizer | None]:
     """A pretrained model with the head `task` needs. A checkpoint without that head (an encoder loaded
-    for classification, an MLM artifact fine-tuned as a classifier) keeps its backbone and gets a new,
-    seeded head, as transformers does."""
+    for classification, an MLM artifact fine-tuned as a classifier, a classifier trained on other
+    labels) keeps its backbone and gets a new, seeded head, as transformers does; head parts the
+    checkpoint does hold (a bare BertModel's pooler) are loaded into it."""
     from ..api import load
     from ..io.weights import CheckpointError
 
@@ -194,40 +195,51 @@ def load_pretrained(source: str, task: str, labels: tuple[str, ...], dtype) -> t
         if model.config.task == task and (not labels or model.config.labels == labels):
             return model.train(), tokenizer
     except CheckpointError as error:
-        if task == "base" or "missing tensor" not in str(error):
+        if task == "base":
             raise
+        log.debug("%s as %s: %s", source, task, error)
         model, tokenizer = load(source, task="base", dtype=dtype)
     log.info("%s: no %s head with labels %s in the checkpoint, initialising one", source, task, labels)
     return with_new_head(model, task, labels, source), tokenizer
 
 
+HEADS = ("lm_head.", "mlm_head.", "classifier.")
+CLASS_ROWS = "classifier.out."  # one row per label
+
+
 def with_new_head(base: Transformer, task: str, labels: tuple[str, ...], source: str) -> Transformer:
     model = Transformer(base.config.replace(task=task, labels=labels)).to(base.dtype)
-    heads = ("lm_head.", "mlm_head.", "classifier.")
-    backbone = {k: v for k, v in base.state_dict().items() if not k.startswith(heads)}
+    backbone = {k: v for k, v in base.state_dict().items() if not k.startswith(HEADS)}
     missing, unexpected = model.load_state_dict(backbone, strict=False)
-    assert not unexpected and all(k.startswith(heads) for k in missing), (missing, unexpected)
+    assert not unexpected and all(k.startswith(HEADS) for k in missing), (missing, unexpected)
     model.tie_weights()
-    _copy_pretrained_pooler(model, source)
+    loaded = load_head_parts(model, source)
+    if loaded:
+        log.info("%s: head parameters %s taken from the checkpoint", source, loaded)
     return model.train()
 
 
-def _copy_pretrained_pooler(model: Transformer, source: str) -> None:
-    """BERT-style checkpoints saved without their task wrapper keep `pooler.dense`; reuse it."""
+def load_head_parts(model: Transformer, source: str) -> list[str]:
+    """Copy into `model` the head parameters that the checkpoint at `source` holds with matching shapes
+    (found through the family's weight map), such as a bare BertModel's pooler. The class output layer
+    is never copied: its rows mean the checkpoint's labels, not the new ones. The rest stays fresh."""
     from ..api import resolve
+    from ..io.artifact import is_artifact, read_manifest
     from ..io.checkpoint import read_tensors, weight_files
+    from ..io.weights import to_ours
 
     path = resolve(source)
-    pooler = getattr(getattr(model, "classifier", None), "pooler", None)
-    if pooler is None or not path.is_dir():
-        return
-    tensors = read_tensors(weight_files(path))
-    for prefix in ("pooler.dense.", "bert.pooler.dense."):
-        if prefix + "weight" in tensors and tensors[prefix + "weight"].shape == pooler.weight.shape:
-            with torch.no_grad():
-                pooler.weight.copy_(tensors[prefix + "weight"])
-                pooler.bias.copy_(tensors[prefix + "bias"])
-            return
+    if not path.is_dir() or (is_artifact(path) and read_manifest(path).get("quantization")):
+        return []  # GGUF files carry no classifier parts; quantized artifacts use our names, not HF's
+    current = model.state_dict()
+    tied = {"lm_head.weight", "mlm_head.decoder.weight"} if model.config.tie_word_embeddings else set()
+    head = frozenset(k for k in current if k.startswith(HEADS) and k not in tied and not k.startswith(CLASS_ROWS))
+    found, _ = to_ours(read_tensors(weight_files(path)), model.config, set(head), str(path), optional=head)
+    usable = {k: t for k, t in found.items() if t.shape == current[k].shape}
+    with torch.no_grad():
+        for name, tensor in usable.items():
+            current[name].copy_(tensor)
+    return sorted(usable)
 
 
 def with_config_overrides(model: Transformer, overrides: dict) -> Transformer:

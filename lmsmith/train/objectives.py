@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..evaluate.metrics import classification_metrics
 from .distributed import unwrap

@@ -24,7 +24,7 @@ from lmsmith.train.objectives import causal_lm, masked_lm
 from lmsmith.train.peft import AdaLoraConfig, active_ranks, apply_peft, peft_callbacks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-QUIET = dict(progress=False, tensorboard=False, log_every=1)
+QUIET = {"progress": False, "tensorboard": False, "log_every": 1}
 
 
 def tiny_model(preset="tiny-gpt", dropout=0.0, **changes):
@@ -284,3 +284,46 @@ def test_adalora_rank_allocation_runs_inside_the_loop(tmp_path):
     assert all(r <= 6 for r in ranks.values())
 
 
+
+
+@pytest.mark.parametrize("save_every, stop_at", [(3, 8), (11, 13)], ids=["scoring-phase", "final-phase"])
+def test_adalora_run_interrupted_and_resumed_matches_the_uninterrupted_run(tmp_path, save_every, stop_at):
+    """The allocator's importance EMAs (checkpoint at step 6, mid-schedule) and its frozen rank pattern
+    (checkpoint at step 11, after the final allocation at step 10) must come back on resume."""
+    def run(run_dir, stop=None, resume=False):
+        model = tiny_model("tiny-llama", dropout=0.1)
+        apply_peft(model, AdaLoraConfig(target_modules=["q_proj", "v_proj"], init_r=6, target_r=2, total_step=14,
+                                        tinit=2, tfinal=4, deltaT=1, lora_dropout=0.1))
+        adalora = peft_callbacks(model)
+        recorder = AllocatorRecorder(adalora[0])
+        callbacks = adalora + [recorder] + ([Interrupt(stop)] if stop else [])
+        settings = TrainSettings(max_steps=14, batch_size=4, lr=1e-2, save_every=save_every, **QUIET)
+        train(model, causal_lm(), clm_data(), settings, run_dir, callbacks=callbacks, resume=resume)
+        return model, recorder.states
+
+    reference, reference_states = run(tmp_path / "ref")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", stop=stop_at)
+    resumed, resumed_states = run(tmp_path / "cut", resume=True)
+    assert min(resumed_states) == stop_at - stop_at % save_every  # resumed from the last checkpoint
+    for step, state in resumed_states.items():  # the allocator continues exactly where it was
+        assert state.keys() == reference_states[step].keys()
+        assert all(torch.equal(t, reference_states[step][k]) for k, t in state.items()), step
+    assert losses(tmp_path / "cut") == losses(tmp_path / "ref")  # bit for bit
+    assert active_ranks(resumed) == active_ranks(reference)
+    for p, q in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+class AllocatorRecorder:
+    """Copies of the AdaLoRA allocator's state after each optimizer step (flattened to name → tensor)."""
+
+    def __init__(self, adalora):
+        self.adalora, self.states = adalora, {}
+
+    def on_step_end(self, step, model):
+        state = self.adalora.state_dict()
+        flat = {f"{part}/{key}": t.clone() for part in ("sensitivity", "uncertainty")
+                for key, t in state[part].items()}
+        flat.update({f"pattern/{key}": t.clone() for key, t in (state["rank_pattern"] or {}).items()})
+        self.states[step] = flat

@@ -477,6 +477,40 @@ def test_adalora_callback_reduces_active_rank_in_a_training_loop(toy, x):
     assert all(a >= b for a, b in pairwise(totals[config.tinit :]))
 
 
+def test_adalora_callback_state_round_trips_through_a_checkpoint_tree(toy, x, tmp_path):
+    from lmsmith.train import state as S
+
+    config = AdaLoraConfig(target_modules=["q_proj", "v_proj"], init_r=4, target_r=2, total_step=6, tinit=1, tfinal=2)
+    model = apply_peft(copy.deepcopy(toy), config).train()
+    with torch.no_grad():  # non-zero singular values, so scores are non-zero
+        for name, p in peft_state_dict(model).items():
+            if name.endswith("lora_E"):
+                p.fill_(0.1)
+    callback = peft_callbacks(model)[0]
+    saved = {}
+    for step in range(5):  # step 2: scores accumulating; step 4 = total_step - tfinal: pattern frozen
+        model(x).pow(2).mean().backward()
+        callback.on_step_end(step, model)
+        model.zero_grad()
+        if step in (2, 4):
+            S.write_tree(callback.state_dict(), tmp_path / f"{step}.json", tmp_path / f"{step}.safetensors")
+            saved[step] = copy.deepcopy(callback.state_dict())
+    assert saved[2]["sensitivity"] and saved[2]["uncertainty"] and saved[4]["rank_pattern"]
+    assert not saved[4]["sensitivity"]  # reset after the final allocation
+    for step, expected in saved.items():
+        fresh = peft_callbacks(apply_peft(copy.deepcopy(toy), config))[0]
+        fresh.load_state_dict(S.read_tree(tmp_path / f"{step}.json", tmp_path / f"{step}.safetensors"))
+        got = fresh.state_dict()
+        for part in ("sensitivity", "uncertainty", "rank_pattern"):
+            want = expected[part] or {}
+            assert (got[part] or {}).keys() == want.keys()
+            assert all(torch.equal(got[part][k], t) for k, t in want.items())
+    other = peft_callbacks(apply_peft(copy.deepcopy(toy), AdaLoraConfig(target_modules=["up_proj"], target_r=2,
+                                                                        init_r=4, total_step=6, tinit=1, tfinal=2)))[0]
+    with pytest.raises(ValueError, match="AdaLoRA state for modules .*q_proj"):
+        other.load_state_dict(saved[2])
+
+
 # --- prefix tuning ------------------------------------------------------------------------------------------
 
 

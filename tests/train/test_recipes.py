@@ -28,7 +28,7 @@ def test_every_shipped_recipe_loads_and_states_its_seed_and_sizes():
         assert cfg.train.seed == 0 and cfg.data.seed == 0
     minilm = load_recipe("minilm-sentiment-full")
     assert dict(minilm.data.sizes) == {"train": 8000, "validation": 1000, "test": 2000}
-    assert minilm.data.max_length == 64 and minilm.train.batch_size == 32 and minilm.train.epochs == 1
+    assert minilm.data.max_length == 64 and minilm.train.batch_size == 16 and minilm.train.epochs == 1
     lora = load_recipe("minilm-sentiment-lora")
     assert lora.peft.method == "lora" and lora.peft.params["r"] == 8
 

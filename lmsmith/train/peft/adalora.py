@@ -177,6 +177,34 @@ class RankAllocator:
                     ~keep.view(-1, 1).to(self.modules[name].lora_E.device), 0.0
                 )
 
+    def state_dict(self) -> dict:
+        """The scores and the frozen allocation, for exact resume. Keys are "module|part" strings
+        (checkpoints store state as JSON + safetensors, which have no tuple keys)."""
+        return {
+            "sensitivity": {f"{n}|{p}": t for (n, p), t in self.sensitivity.items()},
+            "uncertainty": {f"{n}|{p}": t for (n, p), t in self.uncertainty.items()},
+            "rank_pattern": dict(self.rank_pattern) if self.rank_pattern is not None else None,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        names = {key.partition("|")[0] for part in ("sensitivity", "uncertainty") for key in state[part]}
+        names |= set(state["rank_pattern"] or ())
+        if not names <= set(self.modules):
+            raise ValueError(f"AdaLoRA state for modules {sorted(names - set(self.modules))} that this model "
+                             f"does not have (it has {sorted(self.modules)})")
+        self.sensitivity = self._scores_from(state["sensitivity"])
+        self.uncertainty = self._scores_from(state["uncertainty"])
+        pattern = state["rank_pattern"]
+        self.rank_pattern = None if pattern is None else {
+            name: keep.to(device=self.modules[name].lora_E.device, dtype=torch.bool) for name, keep in pattern.items()}
+
+    def _scores_from(self, saved: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+        scores = {}
+        for key, tensor in saved.items():
+            name, _, part = key.partition("|")
+            scores[(name, part)] = tensor.to(getattr(self.modules[name], part))
+        return scores
+
     def update_and_allocate(self, step: int) -> int:
         """Run once per optimizer step, after `optimizer.step()` and before `zero_grad()` (the
         gradients are read). Returns the budget in force; the final allocation is frozen at
@@ -219,6 +247,13 @@ class AdaLoraCallback:
 
     def on_step_end(self, step: int, model: nn.Module) -> None:
         self.allocator.update_and_allocate(step)
+
+    def state_dict(self) -> dict:
+        """Importance scores and rank pattern; the training checkpoint saves it so resume is exact."""
+        return self.allocator.state_dict()
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.allocator.load_state_dict(state)
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         if self.config.orth_reg_weight == 0:
