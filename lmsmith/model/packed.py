@@ -80,8 +80,11 @@ class PackedLinear(nn.Module):
             error_msgs.append(f"{prefix}weight: shape {tuple(weight.shape)} in the checkpoint, "
                               f"{(self.out_features, self.in_features)} in the model")
             return
+        if self.bias is not None and prefix + "bias" not in state_dict:
+            missing_keys.append(prefix + "bias")  # as nn.Linear would: keep the old bias, say so
+            return
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), 1)
-        if self.bias is not None and prefix + "bias" in state_dict:
+        if self.bias is not None:
             self.bias = state_dict[prefix + "bias"].detach().clone()
 
     def __deepcopy__(self, memo):  # oneDNN's opaque tensors cannot be deep-copied directly
@@ -143,4 +146,3 @@ def unpack_linears(model: nn.Module) -> int:
     for name in names:
         model.set_submodule(name, model.get_submodule(name).to_linear())
     return len(names)
-

@@ -93,3 +93,9 @@ def test_by_default_only_large_weights_are_packed():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(4096, 1024, bias=False))
     assert pack_linears(model) == ["1"]
     assert isinstance(model[0], nn.Linear) and isinstance(model[1], PackedLinear)
+
+
+def test_loading_without_the_bias_reports_it_missing():
+    packed = PackedLinear.from_linear(nn.Linear(4, 4))
+    result = packed.load_state_dict({"weight": torch.zeros(4, 4)}, strict=False)
+    assert result.missing_keys == ["bias"]
