@@ -32,6 +32,14 @@ Policy
   preemptor for ever (static order), so it can never preempt it back: no thrashing. A running request
   that got in by aging keeps the level that let it in, so later arrivals of a better base priority do
   not push it out unless their level is strictly better.
+* **Urgent prefill steps** (`isolate_urgent_prefill`). While a request that has not produced its
+  first token yet ranks at a strictly better level than some running request, the step holds only
+  requests at or above that level: the worse-level running requests skip one or a few decode steps
+  (they keep their blocks). A high-priority arrival's time to first token is then its own prefill
+  plus the rest of the step in flight, not a prefill batched with every running decode. If no such
+  request can actually be scheduled (no slot and no preemption allowed), the step falls back to the
+  normal plan, so nothing waits on a request that cannot start. Aging bounds the pauses: a stream of
+  urgent arrivals stops outranking the paused requests after a few aging intervals.
 * **Bounded queue.** `add` raises `QueueFullError` when the waiting queue holds `max_waiting_requests`
   requests or the new prompt would push its tokens past `max_waiting_tokens`; preempted requests
   count towards these bounds (back-pressure) but are never rejected.
@@ -63,6 +71,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     aging_interval_s: float | None = 10.0  # one level of priority gained per interval; None = no aging
     priority_preemption: bool = True
+    isolate_urgent_prefill: bool = True  # a better-level first prefill runs without worse-level decodes
     order_by_deadline: bool = True
     max_model_len: int | None = None  # prompt + output tokens; None = bounded only by the KV pool
 
@@ -215,8 +224,15 @@ class Scheduler:
         if self._pending:
             raise RuntimeError("schedule() called twice: call update() with the previous step's tokens first")
         step = _Step(budget=self.config.max_num_batched_tokens)
-        self._schedule_running(step)
-        self._schedule_waiting(step, now)
+        urgent = self._urgent_level()
+        if urgent is not None:
+            self._schedule_running(step, max_level=urgent)
+            self._schedule_waiting(step, now, max_level=urgent)
+            if not any(seq.is_prefill for seq in step.scheduled.values()):
+                urgent = None  # the urgent request cannot start: plan the step as usual
+        if urgent is None:
+            self._schedule_running(step)
+            self._schedule_waiting(step, now)
         self._pending = step.scheduled
         finished, self._finished_since_schedule = self._finished_since_schedule, []
         return SchedulerOutput(tuple(step.scheduled.values()), tuple(step.preempted), tuple(finished))
@@ -259,10 +275,15 @@ class Scheduler:
 
     # -- running requests --
 
-    def _schedule_running(self, step: _Step) -> None:
+    def _schedule_running(self, step: _Step, max_level: float = math.inf) -> None:
         i = 0
         while i < len(self._running) and step.budget > 0:
             request = self._running[i]
+            if self._rank_of(request)[0] > max_level:
+                break  # sorted by rank: every later request is at a worse level too
+            if request.request_id in step.scheduled:
+                i += 1  # served by an earlier pass of this step
+                continue
             num_new = min(request.num_uncomputed_tokens, step.budget)
             assert num_new > 0, f"running request {request.request_id} has nothing to compute"
             if self._allocate_or_preempt(request, num_new, step):
@@ -283,13 +304,30 @@ class Scheduler:
 
     # -- waiting requests --
 
-    def _schedule_waiting(self, step: _Step, now: float) -> None:
+    def _schedule_waiting(self, step: _Step, now: float, max_level: float = math.inf) -> None:
         while self._waiting and step.budget > 0:
             head = self._waiting[0]
+            if self._rank_of(head)[0] > max_level:
+                break
             if head.request_id in step.preempted:
                 break  # just preempted; admitting anything ranked after it would break the order
             if not self._admit(head, step, now):
                 break  # head of line: nobody overtakes the best waiting request
+
+    def _urgent_level(self) -> int | None:
+        """The best level among requests before their first token, if strictly better than the worst
+        running request's level (policy: "Urgent prefill steps"); else None."""
+        if not self.config.isolate_urgent_prefill or not self._running:
+            return None
+        levels = [self._rank_of(r)[0] for r in self._running if r.num_output_tokens == 0]
+        if self._waiting:
+            head = self._waiting[0]
+            if head.num_output_tokens == 0:
+                levels.append(self._rank_of(head)[0])
+        if not levels:
+            return None
+        best = min(levels)
+        return best if best < self._rank_of(self._running[-1])[0] else None
 
     def _admit(self, request: Request, step: _Step, now: float) -> bool:
         while True:

@@ -293,6 +293,56 @@ def test_no_preemption_when_disabled_or_not_strictly_better(config):
     assert first.num_preemptions == 0 and first.finish_time < later.finish_time
 
 
+def ids(out: SchedulerOutput) -> list[str]:
+    return [q.request_id for q in out.scheduled]
+
+
+def test_urgent_prefill_runs_without_worse_decodes_which_keep_their_blocks():
+    s = make(max_num_seqs=4)
+    lows = [add(s, f"low{i}", 3, max_tokens=6, priority=5) for i in range(2)]
+    step(s)
+    tables = [list(r.block_table) for r in lows]
+    add(s, "high", 5, max_tokens=3, priority=0, t=1.0)
+    out = step(s, 1.0)
+    assert ids(out) == ["high"] and out.scheduled[0].is_prefill and not out.preempted_ids
+    assert [r.block_table for r in lows] == tables and all(r.num_output_tokens == 1 for r in lows)
+    out = step(s, 2.0)  # high has its first token: everyone decodes together again
+    assert sorted(ids(out)) == ["high", "low0", "low1"]
+
+
+def test_urgent_prefill_isolation_can_be_turned_off():
+    s = make(max_num_seqs=4, isolate_urgent_prefill=False)
+    add(s, "low", 3, max_tokens=6, priority=5)
+    step(s)
+    add(s, "high", 5, max_tokens=3, priority=0, t=1.0)
+    assert sorted(ids(step(s, 1.0))) == ["high", "low"]
+
+
+def test_urgent_prefill_keeps_same_level_decodes_and_spans_its_chunks():
+    s = make(max_num_seqs=4, max_num_batched_tokens=4, block_size=4)
+    add(s, "low", 2, max_tokens=8, priority=5)
+    add(s, "vip", 2, max_tokens=8, priority=0)
+    step(s)
+    add(s, "high", 10, max_tokens=2, priority=0, t=1.0)
+    chunks = [step(s, 1.0 + k) for k in range(4)]
+    # vip (same level as high) keeps decoding; low waits until high's prompt (10 tokens, 3 per step
+    # next to vip's decode) has produced the first token.
+    assert [sorted(ids(o)) for o in chunks] == [["high", "vip"]] * 4
+    assert [q.num_new_tokens for o in chunks for q in o.scheduled if q.request_id == "high"] == [3, 3, 3, 1]
+    assert "low" in ids(step(s, 5.0))
+
+
+def test_urgent_request_that_cannot_start_does_not_stall_the_running_ones():
+    s = make(max_num_seqs=1, priority_preemption=False)
+    low = add(s, "low", 3, max_tokens=4, priority=5)
+    step(s)
+    high = add(s, "high", 3, max_tokens=2, priority=0, t=1.0)
+    out = step(s, 1.0)  # no free slot and preemption is off: low goes on
+    assert ids(out) == ["low"]
+    run(s, 2.0)
+    assert low.finish_time < high.finish_time and low.num_preemptions == 0
+
+
 def test_first_scheduled_time_is_the_first_admission_and_survives_preemption():
     s = make(max_num_seqs=1)
     low = add(s, "low", 3, max_tokens=5, priority=5, t=0.0)
