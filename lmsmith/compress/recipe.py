@@ -132,6 +132,10 @@ class QuantizeStep:
     targets: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     include_lm_head: bool = False  # quantize the output head too (a tied embedding then shares it)
+    lm_head_method: str | None = None  # e.g. int8 for the head of an int4 model; None: `method`
+    clip_search: bool = False  # int4: search each group's range (calibration-weighted)
+    gptq_act_order: bool = False  # GPTQ: most important input columns first (static groups)
+    gptq_damp: float = 0.01  # GPTQ: added to the Hessian diagonal, as a fraction of its mean
 
 
 STEP_SETTINGS: dict[str, type] = {"finetune": FinetuneStep, "prune": PruneStep, "structured": StructuredStep,
@@ -503,12 +507,17 @@ def run_distill(teacher, s: DistillStep, run: StepRun):
 
 
 def run_quantize(model, s: QuantizeStep, run: StepRun):
-    calibration = _calibration_for(model, run) if s.method.startswith("gptq") else None
+    calibrated = s.method.startswith("gptq") or s.clip_search
+    calibration = _calibration_for(model, run) if calibrated else None
     config = quantize_model(model, s.method, group_size=s.group_size, symmetric=s.symmetric, targets=s.targets,
-                            exclude=s.exclude, calibration=calibration, include_lm_head=s.include_lm_head)
+                            exclude=s.exclude, calibration=calibration, include_lm_head=s.include_lm_head,
+                            lm_head_method=s.lm_head_method, clip_search=s.clip_search,
+                            gptq_act_order=s.gptq_act_order, gptq_damp=s.gptq_damp)
     return model, {"method": config.method, "bits": config.bits, "group_size": config.group_size,
                    "quantized_layers": len(config.modules),
-                   "tied_embeddings": [list(pair) for pair in config.tied_embeddings]}
+                   "tied_embeddings": [list(pair) for pair in config.tied_embeddings],
+                   "module_methods": [list(pair) for pair in config.module_methods],
+                   "clip_search": config.clip_search}
 
 
 STEP_RUNNERS = {"finetune": run_finetune, "prune": run_prune, "structured": run_structured,

@@ -30,7 +30,9 @@ def test_every_shipped_recipe_loads_and_states_its_seed_and_sizes():
     assert dict(minilm.data.sizes) == {"train": 8000, "validation": 1000, "test": 2000}
     assert minilm.data.max_length == 64 and minilm.train.batch_size == 16 and minilm.train.epochs == 1
     lora = load_recipe("minilm-sentiment-lora")
-    assert lora.peft.method == "lora" and lora.peft.params["r"] == 8
+    assert lora.peft.method == "lora" and lora.peft.params["r"] == 16 and lora.peft.params["lora_alpha"] == 32
+    assert (lora.data.sizes, lora.data.max_length, lora.train.batch_size, lora.train.epochs) == (
+        minilm.data.sizes, minilm.data.max_length, minilm.train.batch_size, minilm.train.epochs)  # as full
 
 
 def test_overrides_set_nested_keys_with_typed_values():
@@ -99,7 +101,8 @@ def test_override_syntax_errors():
 def test_peft_section_becomes_the_methods_config():
     lora = load_recipe("minilm-sentiment-lora")
     config = peft_config(lora.peft, total_steps=100)
-    assert isinstance(config, LoraConfig) and config.r == 8 and config.target_modules == ("q_proj", "v_proj")
+    every_linear = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+    assert isinstance(config, LoraConfig) and config.r == 16 and config.target_modules == every_linear
     dora = load_recipe("minilm-sentiment-lora", ["peft.method=dora"])
     assert peft_config(dora.peft, 100).use_dora
     with pytest.raises(ValueError, match="'peft.r'"):  # the LoRA recipe's r is not an AdaLoRA key
