@@ -27,6 +27,26 @@ def resolve(name_or_path: str | os.PathLike | None) -> Path:
     return path
 
 
+def resolve_device(requested: str | torch.device | None = "auto") -> torch.device:
+    """"auto" (or None): the first GPU when CUDA is available, else the CPU; otherwise the named device,
+    refused with a clear error when it is a GPU this machine does not have."""
+    if requested is None or requested == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r} asked for, but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {requested!r} asked for, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"device {requested!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return device
+
+
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype or torch.float32
@@ -36,11 +56,12 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def load(name_or_path: str | os.PathLike | None = None, task: str | None = None, dtype=None,
-         device: str | torch.device = "cpu", labels: tuple[str, ...] | None = None,
+         device: str | torch.device | None = "cpu", labels: tuple[str, ...] | None = None,
          allow_pickle: bool = False):
     """Load (model, tokenizer) from an embedded name, a GGUF file, an HF folder or an lmsmith artifact."""
     path = resolve(name_or_path)
     dtype = parse_dtype(dtype)
+    device = resolve_device(device)
     if path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _load_gguf(path, task, dtype, device)
     elif path.is_dir():

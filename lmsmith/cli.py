@@ -16,6 +16,7 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto (a GPU when CUDA is available), cpu, cuda or cuda:N")
 
 
 def _gen_kwargs(a: argparse.Namespace) -> dict:
@@ -52,12 +53,12 @@ def _info(a):
 
 def _generate(a):
     from .interactive import generate_cli
-    generate_cli(a.prompt, a.model, chat=a.chat, **_gen_kwargs(a))
+    generate_cli(a.prompt, a.model, chat=a.chat, device=a.device, **_gen_kwargs(a))
 
 
 def _chat(a):
     from .interactive import chat_repl
-    chat_repl(a.model, system=a.system, **_gen_kwargs(a))
+    chat_repl(a.model, system=a.system, device=a.device, **_gen_kwargs(a))
 
 
 def _setup_generate(p):

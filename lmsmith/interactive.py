@@ -20,16 +20,17 @@ def _print_stream(pieces, out=None) -> tuple[int, float]:
     return chars, time.perf_counter() - start
 
 
-def load_for_inference(model: str | None):
+def load_for_inference(model: str | None, device: str = "auto"):
     """Load, then pack the float32 CPU linears for oneDNN: these front ends only ever run inference."""
-    m, tok = load(model)
+    m, tok = load(model, device=device)
     pack_linears(m)
     return m, tok
 
 
-def generate_cli(prompt: str, model: str | None = None, chat: bool = False, **gen) -> None:
+def generate_cli(prompt: str, model: str | None = None, chat: bool = False, device: str = "auto",
+                 **gen) -> None:
     """Stream one completion (or one chat reply) and report tokens/s on stderr."""
-    m, tok = load_for_inference(model)
+    m, tok = load_for_inference(model, device)
     config = GenerationConfig(**gen)
     counter = _TokenCounter(tok)
     if chat:
@@ -54,9 +55,9 @@ class _TokenCounter:
         self.tokens = len(self.tokenizer.encode(self.text, add_special_tokens=False))
 
 
-def chat_repl(model: str | None = None, system: str | None = None, **gen) -> None:
+def chat_repl(model: str | None = None, system: str | None = None, device: str = "auto", **gen) -> None:
     """Interactive chat: type a message, get a streamed reply; /reset clears history, /exit quits."""
-    m, tok = load_for_inference(model)
+    m, tok = load_for_inference(model, device)
     config = GenerationConfig(**gen)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     print("Chat with the model. /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)

@@ -11,6 +11,20 @@ from lmsmith.model.config import PRESETS
 from lmsmith.model.transformer import Transformer
 from lmsmith.tokenizer import SpecialTokens, Tokenizer
 
+# CI has no GPU: these tests run where one is (`pytest -m cuda` on a GPU machine) and skip elsewhere.
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda_tests = [pytest.mark.cuda, requires_cuda]
+
+
+@pytest.fixture
+def exact_fp32_on_cuda():
+    """TF32 matmuls would put fp32 GPU results ~1e-3 away from the CPU's; compare exact fp32 instead."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

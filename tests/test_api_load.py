@@ -94,3 +94,38 @@ def test_hand_written_manifest_without_config_uses_config_json(classifier_artifa
     (copy / "lmsmith.json").write_text(json.dumps({"format": "lmsmith-artifact/1", "source": "hand"}))
     base, _ = load(copy, task="base")
     assert base.config.task == "base" and base.manifest["source"] == "hand"
+
+
+# -- device choice --
+
+def test_resolve_device_names_the_problem():
+    from lmsmith.api import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="'tpu'.*auto, cpu, cuda"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match="'mps' is not supported"):
+        resolve_device("mps")
+    with pytest.raises(ValueError, match="cuda:99"):
+        resolve_device("cuda:99")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_asking_for_cuda_without_it_is_a_clear_error(tiny_chat_folder):
+    from lmsmith.serve.server import ServeOptions
+
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        load(tiny_chat_folder, device="cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        ServeOptions(device="cuda")
+
+
+def test_cli_device_flags_reach_the_loaders():
+    from lmsmith.cli import build_parser
+    from lmsmith.serve.cli_verbs import serve_options_from
+
+    parser = build_parser()
+    assert parser.parse_args(["generate", "hi"]).device == "auto"
+    assert parser.parse_args(["chat", "--device", "cpu"]).device == "cpu"
+    assert serve_options_from(parser.parse_args(["serve", "--device", "cpu"])).device == "cpu"

@@ -12,9 +12,10 @@ Nothing here raises at import time. When the kernel cannot be used (another OS o
 a failed build, ``LMSMITH_NATIVE_KERNELS=0``) `native_int8_available()` is False, the reason is
 logged once, and callers keep their PyTorch path.
 
-OpenMP: the library links libgomp by its soname (libgomp.so.1), the soname of the copy bundled with
-torch; torch is imported (and its libgomp loaded) before the library, so the dynamic loader reuses
-that runtime and the process keeps one OpenMP thread pool.
+OpenMP: the library links against the very libgomp file this process already has loaded (torch's
+bundled copy, found in /proc/self/maps), so its DT_NEEDED names that copy's soname and the dynamic
+loader reuses the loaded runtime: the process keeps one OpenMP thread pool, also where torch's copy
+is renamed (libgomp-<hash>.so.1, as in the CUDA wheels) and a plain -lgomp would load a second one.
 """
 
 from __future__ import annotations
@@ -120,13 +121,30 @@ def unsupported_reason() -> str:
 # --------------------------------------------------------------------------------------------------
 # Build and load
 # --------------------------------------------------------------------------------------------------
-def compile_library(compiler: str, source: Path, target: Path) -> None:
+def loaded_openmp_runtime(maps: str = "/proc/self/maps") -> Path | None:
+    """The libgomp file this process has mapped (torch's), or None."""
+    try:
+        with open(maps) as f:
+            paths = {line.split()[-1] for line in f if "/libgomp" in line}
+    except OSError:
+        return None
+    return Path(sorted(paths)[0]) if paths else None
+
+
+def link_flags(runtime: Path | None) -> tuple[str, ...]:
+    """Link against `runtime` itself; --as-needed then drops the -lgomp that -fopenmp appends."""
+    if runtime is None:
+        return ()
+    return ("-Wl,--as-needed", str(runtime), f"-Wl,-rpath,{runtime.parent}")
+
+
+def compile_library(compiler: str, source: Path, target: Path, extra: tuple[str, ...] = ()) -> None:
     """Compile `source` to `target` atomically: readers see either no file or a complete one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
     os.close(fd)
     try:
-        command = [compiler, *COMPILE_FLAGS, "-o", temporary, str(source)]
+        command = [compiler, *COMPILE_FLAGS, "-o", temporary, str(source), *extra]
         done = subprocess.run(command, check=False, capture_output=True, text=True,
                               timeout=_COMPILE_TIMEOUT_S)
         if done.returncode != 0:
@@ -160,14 +178,15 @@ def build_and_load(directory: Path | None = None) -> NativeLibrary:
     if compiler is None:
         return NativeLibrary(None, None, "no C compiler (cc or gcc) on PATH")
     source = source_path()
-    target = (directory or cache_dir()) / library_name(source.read_bytes(), COMPILE_FLAGS,
+    extra = link_flags(loaded_openmp_runtime())
+    target = (directory or cache_dir()) / library_name(source.read_bytes(), COMPILE_FLAGS + extra,
                                                        compiler_version(compiler))
     if _looks_complete(target):
         try:
             return NativeLibrary(_open(target), target, "")
         except OSError as err:  # truncated or foreign file at our name: rebuild over it
             log.warning("cached native kernel %s does not load (%s); rebuilding", target, err)
-    compile_library(compiler, source, target)
+    compile_library(compiler, source, target, extra)
     return NativeLibrary(_open(target), target, "")
 
 

@@ -67,6 +67,15 @@ class Transformer(nn.Module):
         c = self.config
         return rope_inv_freq(c.rotary_dim, c.rope_theta, c.rope_scaling)
 
+    def _apply(self, fn, recurse=True):
+        # .to(bfloat16) would cast the RoPE frequencies too: in bf16 an angle at position 1000 is off by
+        # ~2 radians. Keep them float32 (as transformers does) whatever dtype the weights take.
+        super()._apply(fn, recurse)
+        inv_freq = getattr(self, "inv_freq", None)
+        if inv_freq is not None and inv_freq.dtype != torch.float32:
+            self.inv_freq = self._inv_freq().to(inv_freq.device)
+        return self
+
     def reset_buffers(self) -> None:
         """Recompute derived buffers and re-tie weights (after `to_empty`, which unties and wipes them)."""
         if self.config.position == "rope":

@@ -37,6 +37,7 @@ def _setup_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--device", default="auto", help="auto (a GPU when CUDA is available), cpu, cuda or cuda:N")
     p.add_argument("--quantize", default=None, choices=SERVE_QUANT_METHODS,
                    help="quantize the linear layers at load: int8 / int4 weights, or w8a8 (int8 weights and "
                         "activations); an already quantized lmsmith artifact needs no flag")
@@ -72,7 +73,7 @@ def serve_options_from(a: argparse.Namespace):
         kv_cache_memory_mb=a.kv_cache_memory_mb, max_model_len=a.max_model_len, embedding_model=a.embedding_model,
         classifier_model=a.classifier_model, generate=a.generate, served_model_name=a.served_model_name,
         replicas=a.replicas, drain_timeout_s=a.drain_timeout_s, max_body_bytes=a.max_body_bytes,
-        threads=a.threads, dtype=a.dtype, quantize=a.quantize, log_level=a.log_level)
+        threads=a.threads, dtype=a.dtype, device=a.device, quantize=a.quantize, log_level=a.log_level)
 
 
 def _setup_bench(p: argparse.ArgumentParser) -> None:

@@ -60,6 +60,7 @@ class ServeOptions:
     max_body_bytes: int = 4 * 1024 * 1024
     threads: int | None = None  # torch CPU threads per process; None = torch's default (split over replicas)
     dtype: str | None = None
+    device: str = "auto"  # auto: a GPU when CUDA is available, else the CPU
     quantize: str | None = None  # one of SERVE_QUANT_METHODS: quantize the linear layers at load
     log_level: str = "info"
 
@@ -77,6 +78,9 @@ class ServeOptions:
             raise ValueError(f"quantize={self.quantize!r} is not supported; allowed: "
                              f"{', '.join(SERVE_QUANT_METHODS)} (GPTQ needs calibration data: quantize with "
                              "`lmsmith compress` and serve the saved artifact)")
+        from ..api import resolve_device
+
+        resolve_device(self.device)  # an unknown or missing device fails here, before the server starts
         if not self.generate and not (self.embedding_model or self.classifier_model):
             raise ValueError("generate=False needs an embedding_model or a classifier_model to serve")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
@@ -133,15 +137,15 @@ def build_backends(options: ServeOptions) -> Backends:
         engine, tokenizer = build_engine(options)
         name, aliases = model_names(options.model, options.served_model_name)
     return Backends(engine=engine, tokenizer=tokenizer, model_name=name, aliases=aliases,
-                    embedder=load_embedder(options.embedding_model) if options.embedding_model else None,
-                    classifier=load_classifier(options.classifier_model) if options.classifier_model else None)
+                    embedder=load_embedder(options.embedding_model, options.device) if options.embedding_model else None,
+                    classifier=load_classifier(options.classifier_model, options.device) if options.classifier_model else None)
 
 
 def build_engine(options: ServeOptions):
     from ..api import load
     from .engine import AsyncEngine, Engine, EngineConfig
 
-    model, tokenizer = load(options.model, dtype=options.dtype)
+    model, tokenizer = load(options.model, dtype=options.dtype, device=options.device)
     if tokenizer is None:
         raise ValueError(f"{options.model}: a generative model needs a tokenizer (none found next to it)")
     if options.quantize:
@@ -190,21 +194,21 @@ def model_names(model: str | None, served_name: str | None) -> tuple[str, tuple[
     return name, tuple(sorted(others - {name}))
 
 
-def load_embedder(name: str):
+def load_embedder(name: str, device: str = "cpu"):
     from ..api import load
     from .encoders import Embedder
 
-    model, tokenizer = load(name, task="base")
+    model, tokenizer = load(name, task="base", device=device)
     if tokenizer is None:
         raise ValueError(f"embedding model {name!r} has no tokenizer")
     return Embedder(model, tokenizer, _display_name(name))
 
 
-def load_classifier(name: str):
+def load_classifier(name: str, device: str = "cpu"):
     from ..api import load
     from .encoders import Classifier
 
-    model, tokenizer = load(name)
+    model, tokenizer = load(name, device=device)
     if tokenizer is None:
         raise ValueError(f"classifier {name!r} has no tokenizer")
     return Classifier(model, tokenizer, _display_name(name))

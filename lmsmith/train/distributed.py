@@ -42,12 +42,11 @@ class DistContext:
 
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     """"auto": this rank's GPU when CUDA is available, else the CPU; otherwise the named device."""
-    if requested == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {requested!r} asked for, but CUDA is not available")
-    return device
+    from ..api import resolve_device
+
+    if requested == "auto" and torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    return resolve_device(requested)
 
 
 def setup(device: str = "auto", backend: str = "auto") -> DistContext:

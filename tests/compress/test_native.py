@@ -90,6 +90,16 @@ def test_process_keeps_one_openmp_runtime(needs_native):
     assert len(loaded) == 1, loaded
 
 
+def test_links_against_the_openmp_runtime_already_loaded(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 1 /venv/torch/lib/libgomp-a34b3233.so.1\n"
+                    "7f02-7f03 r-xp 00000000 08:01 2 /usr/lib/libc.so.6\n")
+    runtime = native.loaded_openmp_runtime(str(maps))
+    assert runtime == Path("/venv/torch/lib/libgomp-a34b3233.so.1")
+    assert native.link_flags(runtime) == ("-Wl,--as-needed", str(runtime), "-Wl,-rpath,/venv/torch/lib")
+    assert native.loaded_openmp_runtime(str(tmp_path / "none")) is None and native.link_flags(None) == ()
+
+
 @pytest.mark.parametrize(
     "x,qweight,scales,error",
     [
@@ -181,7 +191,8 @@ def test_cache_name_follows_source_flags_and_compiler():
 
 def _cached_path(directory: Path, compiler: str) -> Path:
     source = native.source_path().read_bytes()
-    return directory / native.library_name(source, native.COMPILE_FLAGS, native.compiler_version(compiler))
+    flags = native.COMPILE_FLAGS + native.link_flags(native.loaded_openmp_runtime())
+    return directory / native.library_name(source, flags, native.compiler_version(compiler))
 
 
 def test_empty_cached_file_is_rebuilt(tmp_path):

@@ -86,3 +86,16 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_tied_embeddings_share_storage():
     model = tiny()
     assert model.lm_head.weight is model.embed.tokens.weight
+
+
+def test_rope_frequencies_stay_float32_when_the_weights_go_bf16():
+    model = Transformer(PRESETS["tiny-llama"]).to(torch.bfloat16)
+    assert model.embed.tokens.weight.dtype == torch.bfloat16
+    assert model.inv_freq.dtype == torch.float32
+    assert torch.equal(model.inv_freq, Transformer(PRESETS["tiny-llama"]).inv_freq)
+    ids = torch.randint(0, 512, (1, 4))
+    far = torch.full((1, 4), 1000) + torch.arange(4)  # bf16 positions/frequencies would be badly off here
+    with torch.no_grad():
+        bf16 = model(ids, position_ids=far).logits.float()
+        fp32 = model.float()(ids, position_ids=far).logits
+    assert (bf16 - fp32).norm() / fp32.norm() < 0.05

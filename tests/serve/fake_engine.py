@@ -299,5 +299,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def wait_ready(url: str, timeout_s: float = 120.0) -> None:
+    """Poll /ready until the models have loaded (the server answers 503 until then)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{url}/ready", trust_env=False).status_code != 200:
+        assert time.monotonic() < deadline, "never ready"
+        time.sleep(0.05)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
+

@@ -1,7 +1,6 @@
 """Loading what `serve` hosts from disk (tiny saved models: fast) and the real embedded models (slow)."""
 from __future__ import annotations
 
-import time
 
 import httpx
 import numpy as np
@@ -16,14 +15,7 @@ from lmsmith.serve.api import create_app
 from lmsmith.serve.engine import AsyncEngine
 from lmsmith.serve.server import ServeOptions, api_config, build_backends, model_names
 
-from .fake_engine import byte_tokenizer, live_server
-
-
-def wait_ready(url: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{url}/ready", trust_env=False).status_code != 200:
-        assert time.monotonic() < deadline, "never ready"
-        time.sleep(0.05)
+from .fake_engine import byte_tokenizer, live_server, wait_ready
 
 
 @pytest.fixture(scope="module")

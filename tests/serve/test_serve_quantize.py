@@ -27,8 +27,7 @@ from lmsmith.serve.server import (
     serve,
 )
 
-from .fake_engine import live_server
-from .test_api_real import wait_ready
+from .fake_engine import live_server, wait_ready
 
 PROMPT = "Hello world"
 MODULE_OF = {"int8": Int8WeightOnlyLinear, "int4": Int4WeightOnlyLinear, "w8a8": DynamicInt8Linear}

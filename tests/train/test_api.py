@@ -118,6 +118,7 @@ def test_every_peft_method_trains_through_the_recipe_and_saves_an_adapter(tmp_pa
     from lmsmith.train.objectives import forward
 
     batch = {"input_ids": torch.randint(0, base.config.vocab_size, (2, 10))}
+    trained = trained.cpu()  # the run leaves it on its training device (a GPU where there is one)
     with torch.no_grad():
         assert torch.allclose(forward(trained, batch).logits, forward(restored, batch).logits, atol=1e-5)
         if result.model_dir is not None:

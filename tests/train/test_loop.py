@@ -24,7 +24,8 @@ from lmsmith.train.objectives import causal_lm, masked_lm
 from lmsmith.train.peft import AdaLoraConfig, active_ranks, apply_peft, peft_callbacks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-QUIET = {"progress": False, "tensorboard": False, "log_every": 1}
+# the loop's logic on the CPU, compared with CPU tensors (tests/train/test_cuda.py covers the GPU)
+QUIET = {"progress": False, "tensorboard": False, "log_every": 1, "device": "cpu"}
 
 
 def tiny_model(preset="tiny-gpt", dropout=0.0, **changes):
