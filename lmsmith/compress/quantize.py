@@ -688,8 +688,8 @@ def _clear_kernel_cache(module: QuantizedLinear, incompatible_keys: Any) -> None
 
 class QuantizedLinear(nn.Module):
     """A Linear whose weight lives in a portable quantized layout (buffers), with a lazily packed,
-    per-device fast kernel. Inference only: the weight has no gradient; inputs that need one take
-    the reference path, which autograd can differentiate."""
+    per-device fast kernel. The weight is frozen (no gradient); inputs that need a gradient get one
+    through `_FrozenQuantizedLinear`, so the layer can serve as a QLoRA base."""
 
     kernels: ClassVar[tuple[_Kernel, ...]] = ()
 
@@ -717,14 +717,26 @@ class QuantizedLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
-        kernel = None if needs_grad or x.numel() == 0 or not self.use_kernels else self._kernel_for(x.device)
+        if x.requires_grad and torch.is_grad_enabled():  # a frozen base under trainable adapters (QLoRA)
+            return _FrozenQuantizedLinear.apply(x, self)
+        return self._forward_inference(x)
+
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        # Decode calls this ~200 times per token: no-op conversions are skipped, not just cheap.
+        if not self.use_kernels or x.numel() == 0:
+            return self.forward_reference(x)
+        kernel = self._kernel_for(x.device)
         if kernel is None:
             return self.forward_reference(x)
         impl, state = kernel
-        y = impl.matmul(state, x.reshape(-1, self.in_features)).to(x.dtype)
+        y = impl.matmul(state, x.reshape(-1, self.in_features))
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        bias = self.bias
+        if bias is None:
+            return y
+        return y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
 
     def kernel_name(self, device: str | torch.device = "cpu") -> str:
         """Name of the fast kernel `forward` uses on `device`, or "reference" if none works."""
@@ -780,6 +792,47 @@ class QuantizedLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
         )
+
+
+class _FrozenQuantizedLinear(torch.autograd.Function):
+    """y = the fast kernel's x W^T + b; dx = dy W with W dequantized again in backward and dropped.
+
+    The weight gets no gradient. Letting autograd differentiate the reference path instead would save
+    a float copy of every weight for backward, which is the memory QLoRA exists to avoid. For W8A8
+    the activation rounding passes the gradient straight through."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantizedLinear) -> torch.Tensor:
+        ctx.module = module
+        return module._forward_inference(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.module.dequantize_weight().to(grad.dtype)
+        return grad @ weight, None
+
+
+def requantize_(module: QuantizedLinear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Quantize the float `weight` (out, in) into `module` in place, with its own method, group size and
+    symmetry, by round to nearest (a merged LoRA delta, say); `bias` replaces the bias when given."""
+    if tuple(weight.shape) != (module.out_features, module.in_features):
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit {module.out_features}x{module.in_features}")
+    weight = weight.detach().float()
+    with torch.no_grad():
+        if isinstance(module, Int4WeightOnlyLinear):
+            q, scales, offsets = quantize_int4_grouped(weight, module.group_size, module.symmetric)
+            module.qweight.copy_(pack_int4(q))
+            if offsets is not None:
+                module.zeros.copy_(offsets)
+        elif isinstance(module, _Int8StorageLinear):
+            q, scales = quantize_int8_per_channel(weight)
+            module.qweight.copy_(q)
+        else:
+            raise TypeError(f"cannot requantize {type(module).__name__}")
+        module.scales.copy_(scales)
+        if bias is not None and module.bias is not None:
+            module.bias.copy_(bias)
+    module._kernel_cache.clear()  # the packed layouts hold the old weight
 
 
 class _Int8StorageLinear(QuantizedLinear):
@@ -1026,7 +1079,19 @@ def quantize_model(
         replace_submodule(model, name, quantized)
     _tie_quantized_embeddings(model, tied)
     model.quantization_config = config
+    release_freed_heap()  # without it the replaced float weights stay in RSS (measured: 360 MB of SmolLM2's)
     return config
+
+
+def release_freed_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim). Freed weights of a few MB come
+    from the heap, not from their own mappings, and glibc keeps such memory until trimmed."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _check_int4_options(method: str, spec: _MethodSpec, clip_search: bool) -> None:

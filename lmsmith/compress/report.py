@@ -29,7 +29,7 @@ from ..generation import GenerationConfig, iter_tokens
 from ..train.objectives import Objective, causal_lm, sequence_classification
 from .batches import classification_batches, classification_features, lm_batches, lm_blocks, pad_id_of
 from .heldout import heldout_text
-from .quantize import QuantizedLinear, model_size_bytes
+from .quantize import QuantizedLinear, model_size_bytes, release_freed_heap
 
 KINDS = ("classifier", "lm")
 # Main quality metric per kind and whether higher is better.
@@ -261,22 +261,12 @@ class MemoryTracker:
 
 
 def _reset_peak_rss() -> bool:
-    _release_free_heap()
+    release_freed_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
         return True
     except OSError:
         return False
-
-
-def _release_free_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc), so earlier runs' freed buffers do not hide growth."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _rss_bytes(field_name: str) -> int:

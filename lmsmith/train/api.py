@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import distributed as D
@@ -35,7 +36,7 @@ from .build import (
     scratch_config,
     texts_of,
 )
-from .loop import TrainResult, evaluate, planned_steps, train
+from .loop import TrainResult, evaluate, planned_steps, to_device, train
 from .objectives import MODEL_TASKS, Distillation
 from .recipes import RunConfig, load_recipe, peft_config, to_dict, to_yaml
 from .state import seed_everything
@@ -122,7 +123,8 @@ def run_config(cfg: RunConfig, ctx: D.DistContext, resume: bool, verb: str) -> R
                    callbacks=callbacks, resume=resume, ctx=ctx, strategy=cfg.distributed.strategy)
     seconds = time.perf_counter() - start
     test = evaluate(model, objective, data.test, cfg.train.precision, ctx.device) if data.test else {}
-    model_dir, adapter_dir = export(model, tokenizer, cfg, run_dir, result, test, ctx, verb)
+    probe = next(iter(data.validation or data.test or ()), None)  # for the QLoRA merge report
+    model_dir, adapter_dir = export(model, tokenizer, cfg, run_dir, result, test, ctx, verb, probe)
     outcome = RunResult(run_dir, model_dir, adapter_dir, result.last_eval, test, result.steps,
                         result.stopped_early, result.resumed_from, seconds, D.unwrap(model), tokenizer)
     if ctx.is_main:
@@ -161,7 +163,7 @@ def manifest_for(model, cfg: RunConfig, verb: str, result: TrainResult, test: di
 
 
 def export(model: nn.Module, tokenizer, cfg: RunConfig, run_dir: Path, result: TrainResult, test: dict,
-           ctx: D.DistContext, verb: str) -> tuple[Path | None, Path | None]:
+           ctx: D.DistContext, verb: str, probe: dict | None = None) -> tuple[Path | None, Path | None]:
     """Write model/ (full training) or adapter/ [+ merged/] (PEFT). Rank 0 writes; all ranks return paths."""
     model = full_model(D.unwrap(model), ctx)
     model_dir = adapter_dir = None
@@ -176,7 +178,7 @@ def export(model: nn.Module, tokenizer, cfg: RunConfig, run_dir: Path, result: T
         if cfg.peft.save_merged and cfg.peft.method in LINEAR_METHODS:
             model_dir = run_dir / "merged"
             if ctx.is_main:
-                save_merged(model, tokenizer, model_dir, manifest_for(model, cfg, verb, result, test))
+                save_merged(model, tokenizer, model_dir, manifest_for(model, cfg, verb, result, test), probe)
         elif cfg.peft.save_merged:
             log.warning("peft.save_merged: %s adapters are not linear and cannot be merged", cfg.peft.method)
     D.barrier()
@@ -218,11 +220,40 @@ def save_peft_adapter(model, tokenizer, folder: Path, cfg: RunConfig) -> Path:
     return folder
 
 
-def save_merged(model, tokenizer, folder: Path, manifest: dict) -> Path:
-    from .peft import unload_peft
+def save_merged(model, tokenizer, folder: Path, manifest: dict, probe: dict | None = None) -> Path:
+    """The adapters merged into the base and saved. Over a quantized base (QLoRA) the merge
+    dequantizes, adds and requantizes: the logit difference that costs, on `probe` (a batch),
+    goes into the manifest's last history entry as "merge"."""
+    from .peft import merge_peft, unload_peft
 
-    merged = unload_peft(copy.deepcopy(model), merge=True)
-    return save_model(merged, tokenizer, folder, manifest)
+    merged = copy.deepcopy(model).eval()
+    if probe is not None and has_quantized_adapters(merged):
+        from .objectives import forward
+
+        probe = to_device(probe, next(merged.buffers()).device)
+        with torch.no_grad():
+            unquantized_merge = forward(merged, probe).logits.float()  # float adapter on the dequantized base
+            merge_peft(merged)
+            requantized = forward(merged, probe).logits.float()
+        report = logit_difference(unquantized_merge, requantized)
+        manifest["history"][-1]["merge"] = {"into": "quantized base (dequantize, merge, requantize)", **report}
+        log.info("merged into the quantized base: logits vs the unquantized merge %s", report)
+    return save_model(unload_peft(merged, merge=True), tokenizer, folder, manifest)
+
+
+def has_quantized_adapters(model: nn.Module) -> bool:
+    from .peft.base import AdaptedLinear
+
+    return any(isinstance(m, AdaptedLinear) and m.quantized for m in model.modules())
+
+
+def logit_difference(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    """How far `other` logits are from `reference`: max/mean absolute, relative (Frobenius) and the
+    fraction of positions whose top-1 prediction agrees."""
+    diff = (other - reference).abs()
+    return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+            "relative_logit_diff": float((other - reference).norm() / reference.norm().clamp(min=1e-12)),
+            "top1_agreement": float((other.argmax(-1) == reference.argmax(-1)).float().mean())}
 
 
 def write_results(run_dir: Path, outcome: RunResult, result: TrainResult, sizes: dict) -> None:

@@ -260,7 +260,25 @@ def build_model(cfg: RunConfig, labels: tuple[str, ...]) -> tuple[Transformer | 
         return None, None
     task = MODEL_TASKS[cfg.objective]
     model, tokenizer = load_pretrained(cfg.model.source, task, labels, parse_dtype(cfg.model.dtype))
-    return with_config_overrides(model, dict(cfg.model.config)), tokenizer
+    model = with_config_overrides(model, dict(cfg.model.config))
+    if cfg.model.quantize:
+        quantize_base(model, cfg.model.quantize, cfg.model.quantize_group_size)
+    return model, tokenizer
+
+
+TASK_HEADS = ("classifier.*", "mlm_head.*")
+
+
+def quantize_base(model: Transformer, method: str, group_size: int) -> None:
+    """QLoRA's frozen base: the linear layers (not the output head) quantized in place at load."""
+    from ..compress.quantize import DEFAULT_EXCLUDE, quantize_model
+
+    if getattr(model, "quantization_config", None) is not None:
+        raise ValueError(f"model.quantize={method!r}: the source is already quantized "
+                         f"({model.quantization_config.method}); drop model.quantize")
+    # the task heads train in full (modules_to_save), so they stay float
+    quantize_model(model, method, group_size=group_size, exclude=(*DEFAULT_EXCLUDE, *TASK_HEADS))
+    log.info("QLoRA base: %d linear layers quantized to %s", len(model.quantization_config.modules), method)
 
 
 # --- features and batches -----------------------------------------------------------------------------

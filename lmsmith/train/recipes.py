@@ -37,17 +37,26 @@ def _empty() -> Mapping[str, Any]:
     return MappingProxyType({})
 
 
+QLORA_METHODS = ("int8", "int4", "w8a8")
+
+
 @dataclass(frozen=True)
 class ModelSection:
     source: str | None = None  # embedded name, HF folder, GGUF file or lmsmith artifact (pretrained)
     preset: str | None = None  # a lmsmith.model.config.PRESETS name: a new model from scratch
     config: Mapping[str, Any] = field(default_factory=_empty)  # ModelConfig field overrides (sizes for presets, dropout, …)
     dtype: str = "float32"
+    # QLoRA: quantize the pretrained linear layers as they load (int8, int4 or w8a8; not lm_head). The
+    # base then stays frozen under the adapters, so this needs a peft method.
+    quantize: str | None = None
+    quantize_group_size: int = 64  # int4 only
 
     def __post_init__(self) -> None:
         if (self.source is None) == (self.preset is None):
             raise ValueError("recipe needs exactly one of model.source (pretrained) and model.preset (scratch), "
                              f"got source={self.source!r}, preset={self.preset!r}")
+        if self.quantize is not None and self.quantize not in QLORA_METHODS:
+            raise ValueError(f"model.quantize={self.quantize!r} is not one of {QLORA_METHODS}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective {self.objective!r} is not one of {sorted(OBJECTIVES)}")
+        if self.model.quantize is not None and self.peft.method is None:
+            raise ValueError(f"model.quantize={self.model.quantize!r} freezes the quantized base: it needs a "
+                             "peft method (e.g. peft.method=lora, QLoRA-style)")
 
 
 # --- YAML ---------------------------------------------------------------------------------------------

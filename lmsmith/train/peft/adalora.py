@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .base import AdaptedLinear, adapter_factory_kwargs
+from .base import AdaptedLinear
 from .config import AdaLoraConfig
 
 RANKNUM_EPS = 1e-5  # peft divides by (ranknum + 1e-5); kept so outputs match peft's
@@ -37,7 +37,7 @@ class SVDLinear(AdaptedLinear):
             raise ValueError(f"AdaLoRA rank must be a positive integer, got {self.r}")
         self.ranknum = float(config.init_r if ranknum is None else ranknum)
         self.scaling = config.lora_alpha if config.lora_alpha > 0 else float(self.r)
-        factory = adapter_factory_kwargs(self.weight)
+        factory = self.adapter_factory()
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory))  # right singular vectors
         self.lora_E = nn.Parameter(torch.empty(self.r, 1, **factory))  # singular values
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **factory))  # left singular vectors

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .base import AdaptedLinear, adapter_factory_kwargs
+from .base import AdaptedLinear
 from .config import IA3Config
 
 
@@ -22,12 +21,12 @@ class IA3Linear(AdaptedLinear):
         self.config = config
         self.is_feedforward = is_feedforward
         shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
-        self.ia3_l = nn.Parameter(torch.ones(shape, **adapter_factory_kwargs(self.weight)))
+        self.ia3_l = nn.Parameter(torch.ones(shape, **self.adapter_factory()))
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.ia3_l.flatten()
         if self.is_feedforward:
-            return F.linear((x * scale).to(x.dtype), self.weight, self.bias)
+            return self.base_forward((x * scale).to(x.dtype))
         result = self.base_forward(x)
         return (result * scale).to(result.dtype)
 

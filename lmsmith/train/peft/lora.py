@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdaptedLinear, adapter_factory_kwargs
+from .base import AdaptedLinear
 from .config import LoraConfig
 
 
@@ -29,15 +29,18 @@ class LoRALinear(AdaptedLinear):
     DoRA, `lora_magnitude_vector` (out,) — the same names peft writes in adapter_model.safetensors.
     """
 
-    def __init__(self, base: nn.Linear, config: LoraConfig, r: int | None = None, alpha: float | None = None):
+    def __init__(self, base: nn.Module, config: LoraConfig, r: int | None = None, alpha: float | None = None):
         super().__init__(base)
         self.config = config
         self.r = config.r if r is None else r
         self.lora_alpha = config.lora_alpha if alpha is None else alpha
         if self.r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {self.r}")
+        if config.use_dora and self.quantized:
+            raise ValueError("DoRA needs the float base weight for its norm; over a quantized base use plain "
+                             "LoRA (QLoRA), or quantize after merging")
         self.scaling = lora_scaling(self.lora_alpha, self.r, config.use_rslora)
-        factory = adapter_factory_kwargs(self.weight)
+        factory = self.adapter_factory()
         self.lora_A = nn.Linear(self.in_features, self.r, bias=False, **factory)
         self.lora_B = nn.Linear(self.r, self.out_features, bias=False, **factory)
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()

@@ -7,11 +7,17 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ...compress.quantize import QuantizedLinear
 from .base import AdapterModule
 from .config import Targets
 
 ALL_LINEAR = "all-linear"
 OUTPUT_HEADS = ("lm_head",)  # "all-linear" leaves the vocabulary projection alone, as peft does
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An nn.Linear, or a quantized one (a frozen QLoRA base)."""
+    return isinstance(module, (nn.Linear, QuantizedLinear))
 
 
 def name_matches(name: str, targets: Targets) -> bool:
@@ -41,8 +47,8 @@ def find_targets(
     model: nn.Module,
     targets: Targets,
     exclude: tuple[str, ...] = (),
-    accepts: Callable[[nn.Module], bool] = lambda m: isinstance(m, nn.Linear),
-    kind: str = "nn.Linear",
+    accepts: Callable[[nn.Module], bool] = is_linear,
+    kind: str = "nn.Linear (or quantized linear)",
 ) -> list[str]:
     """Names of the modules `targets` selects, in model order.
 
@@ -70,12 +76,12 @@ def find_targets(
 
 def _selected(name: str, module: nn.Module, targets: Targets) -> bool:
     if targets == ALL_LINEAR:
-        return isinstance(module, nn.Linear) and name.rpartition(".")[2] not in OUTPUT_HEADS
+        return is_linear(module) and name.rpartition(".")[2] not in OUTPUT_HEADS
     return name_matches(name, targets)
 
 
 def _available(model: nn.Module, limit: int = 10) -> str:
-    linear = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
+    linear = [n for n, m in model.named_modules() if n and is_linear(m)]
     names = linear or [n for n, _ in model.named_modules() if n]
     shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
     return f"available {'linear ' if linear else ''}module names include: {shown or '(none)'}"
