@@ -555,6 +555,9 @@ def _int8_weight_only_mm(state: tuple, x: torch.Tensor) -> torch.Tensor:
 # the 576/1536-wide layers. Dequantizing a big weight costs more than sgemm gains (49152x576 LM head:
 # native was still faster at 512 rows) and would allocate a float copy, so big weights stay native.
 _NATIVE_INT8_MAX_ROWS = 128
+# tinygemm's CPU int4 kernel (bf16 activations) took 2x the time of dequantize + fp32 GEMM at 928 rows
+# and less at 32 (SmolLM2 shapes, 2 AVX2 cores): prefill-sized inputs take the second path.
+_INT4_DEQUANTIZE_MIN_ROWS = 192
 _DEQUANTIZE_MAX_NUMEL = 1 << 23
 
 
@@ -583,11 +586,16 @@ def _scales_and_zeros(module: Int4WeightOnlyLinear, device: torch.device) -> tor
 def _pack_int4_cpu(module: Int4WeightOnlyLinear, device: torch.device) -> tuple:
     unsigned = unpack_int4(module.qweight.cpu()).to(torch.int32) + 8  # (out, in) in 0..15
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 8)
-    return packed, _scales_and_zeros(module, device), module.group_size
+    portable = (module.qweight, module.scales, module.zeros, module.group_size)  # for the prefill path
+    return packed, _scales_and_zeros(module, device), module.group_size, portable
 
 
 def _int4_cpu_mm(state: tuple, x: torch.Tensor) -> torch.Tensor:
-    packed, scales_and_zeros, group_size = state
+    packed, scales_and_zeros, group_size, portable = state
+    if x.shape[0] >= _INT4_DEQUANTIZE_MIN_ROWS:  # prefill: dequantize once, then one fp32 GEMM
+        qweight, scales, zeros, group = portable
+        weight = dequantize_int4_grouped(unpack_int4(qweight), scales, zeros, group)
+        return F.linear(x.float(), weight.float())
     # bf16 activations: the fp32 variant is ~15x slower than fp32 matmul on AVX2 CPUs
     return torch.ops.aten._weight_int4pack_mm_for_cpu(
         x.to(torch.bfloat16), packed, group_size, scales_and_zeros

@@ -530,3 +530,13 @@ def test_quantizing_a_tied_head_shrinks_the_model_further():
         quantize_model(model, "int8", include_lm_head=head)
         sizes[head] = model_size_bytes(model)
     assert sizes[False] - sizes[True] == 50 * 64 * 4 - (50 * 64 + 50 * 4)  # fp32 table → int8 + row scales
+
+
+def test_int4_prefill_sized_inputs_take_the_dequantize_path_and_agree():
+    torch.manual_seed(0)
+    layer = Int4WeightOnlyLinear.from_linear(nn.Linear(128, 96), group_size=32)
+    with torch.no_grad():
+        for rows in (qz._INT4_DEQUANTIZE_MIN_ROWS - 1, qz._INT4_DEQUANTIZE_MIN_ROWS + 5):
+            x = torch.randn(rows, 128)
+            reference = layer.forward_reference(x)
+            assert (layer(x) - reference).norm() / reference.norm() < 1e-2, rows
