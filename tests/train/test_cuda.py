@@ -52,3 +52,34 @@ def test_lora_on_the_gpu_saves_an_adapter_and_a_merged_model(tmp_path, corpus):
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, result.model(ids.to("cuda")).logits.float().cpu(), atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["int4", "int8", "w8a8"])
+def test_qlora_on_the_gpu_trains_over_the_quantized_kernels_and_merges(method):
+    from lmsmith.compress.quantize import quantize_model
+    from lmsmith.model.config import PRESETS
+    from lmsmith.model.transformer import Transformer
+    from lmsmith.train.peft import LoraConfig, apply_peft, merge_peft
+
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny-llama"].replace(intermediate_size=128)).to("cuda")
+    quantize_model(model, method, group_size=32)
+    apply_peft(model, LoraConfig(target_modules=("q_proj", "v_proj", "down_proj"), r=4, lora_alpha=8))
+    q_proj = model.layers[0].attn.q_proj
+    print(method, "kernel on cuda:", q_proj.base_layer.kernel_name("cuda"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    ids = torch.randint(0, 512, (2, 12), device="cuda")
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and q_proj.lora_B.weight.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        adapted = model(ids).logits
+        merge_peft(model)
+        merged = model(ids).logits
+    assert (merged - adapted).norm() / adapted.norm() < 0.1

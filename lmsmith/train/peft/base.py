@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...compress.quantize import QuantizedLinear
+from ...compress.quantize import QuantizedLinear, requantize_
 
 
 class AdapterModule(nn.Module):
@@ -99,8 +99,6 @@ class AdaptedLinear(AdapterModule):
 
     def _merge_quantized(self) -> None:
         """Dequantize → the subclass's float merge → requantize."""
-        from ...compress.quantize import requantize_
-
         base = self.base_layer
         self._unmerged_base = {k: v.clone() for k, v in base.state_dict().items()}
         self.weight = base.dequantize_weight().float()
