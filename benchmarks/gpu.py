@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
-                    intermediate_size=1536, max_position_embeddings=8192, rope_theta=100000.0, norm_eps=1e-5,
-                    tie_word_embeddings=True, family="llama", name="smollm2-135m-random")
+SMOLLM2_135M = {"vocab_size": 49152, "hidden_size": 576, "num_layers": 30, "num_heads": 9, "num_kv_heads": 3,
+                "intermediate_size": 1536, "max_position_embeddings": 8192, "rope_theta": 100000.0,
+                "norm_eps": 1e-5, "tie_word_embeddings": True, "family": "llama", "name": "smollm2-135m-random"}
 PROMPT_TOKENS = 29
 
 

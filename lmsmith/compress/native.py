@@ -128,7 +128,7 @@ def loaded_openmp_runtime(maps: str = "/proc/self/maps") -> Path | None:
             paths = {line.split()[-1] for line in f if "/libgomp" in line}
     except OSError:
         return None
-    return Path(sorted(paths)[0]) if paths else None
+    return Path(min(paths)) if paths else None
 
 
 def link_flags(runtime: Path | None) -> tuple[str, ...]:

@@ -145,8 +145,8 @@ def attention(
     `mask` must give every query at least one key (see `let_empty_rows_attend`), or its row is NaN.
     """
     # enable_gqa lets SDPA share each KV head across its query group without copying K/V.
-    kwargs = dict(attn_mask=mask, dropout_p=dropout, is_causal=is_causal and mask is None,
-                  enable_gqa=k.shape[1] != q.shape[1])
+    kwargs = {"attn_mask": mask, "dropout_p": dropout, "is_causal": is_causal and mask is None,
+              "enable_gqa": k.shape[1] != q.shape[1]}
     if q.is_cuda:
         # cuDNN attention (SDPA's first choice for bf16 on Hopper) builds a graph per new key length:
         # measured 1.3 ms of CPU per call on an H200, which made bf16 decoding 4x slower than fp32.

@@ -1,7 +1,6 @@
 """Loading what `serve` hosts from disk (tiny saved models: fast) and the real embedded models (slow)."""
 from __future__ import annotations
 
-
 import httpx
 import numpy as np
 import openai
