@@ -111,6 +111,9 @@ _METHODS = {
     "gptq-int8": _MethodSpec(8, grouped=False, gptq=True, module="Int8WeightOnlyLinear"),
 }
 assert tuple(_METHODS) == QUANT_METHODS
+# Methods that need no calibration data, so a model can be quantized as it loads (`serve --quantize`,
+# a training recipe's `model.quantize`). GPTQ needs calibration: `lmsmith compress` does it.
+LOAD_TIME_METHODS = tuple(name for name, spec in _METHODS.items() if not spec.gptq)
 
 
 def _method_spec(method: str) -> _MethodSpec:

@@ -26,15 +26,15 @@ from dataclasses import dataclass
 
 import uvicorn
 
+from ..compress.quantize import LOAD_TIME_METHODS
 from .api import APIConfig, Backends, create_app, drain
 from .router import RouterConfig, create_router_app, drain_router
 
 logger = logging.getLogger(__name__)
 REPLICA_OPTIONS_ENV = "LMSMITH_REPLICA_OPTIONS"  # options reach a replica by environment, keys stay out of `ps`
 PARENT_PID_ENV = "LMSMITH_PARENT_PID"
-# Methods that need no calibration data, so a model can be quantized as it loads. GPTQ needs
-# calibration: quantize with `lmsmith compress` and serve the saved artifact instead.
-SERVE_QUANT_METHODS = ("int8", "int4", "w8a8")
+# GPTQ needs calibration data: quantize with `lmsmith compress` and serve the saved artifact instead.
+SERVE_QUANT_METHODS = LOAD_TIME_METHODS
 INT4_GROUP_PREFERENCE = (64, 32, 128, 256)  # 64: lmsmith.compress's default; the rest: what the kernels accept
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ..compress.quantize import LOAD_TIME_METHODS
 from .loop import TrainSettings
 from .objectives import OBJECTIVES
 from .peft import AdaLoraConfig, BottleneckConfig, IA3Config, LoraConfig, PeftConfig, PrefixConfig
@@ -37,7 +38,7 @@ def _empty() -> Mapping[str, Any]:
     return MappingProxyType({})
 
 
-QLORA_METHODS = ("int8", "int4", "w8a8")
+QLORA_METHODS = LOAD_TIME_METHODS  # QLoRA quantizes its frozen base as it loads: no calibration data
 
 
 @dataclass(frozen=True)
