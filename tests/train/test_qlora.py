@@ -184,3 +184,10 @@ def test_model_quantize_without_peft_is_refused(tmp_path, corpus):
     recipe["model"]["quantize"] = "nf4"
     with pytest.raises(ValueError, match="model.quantize='nf4' is not one of"):
         load_recipe(recipe)
+
+
+def test_quantizing_an_already_quantized_source_is_refused():
+    from lmsmith.train.build import quantize_base
+
+    with pytest.raises(ValueError, match=r"already quantized \(int8\); drop model.quantize"):
+        quantize_base(quantized_llama("int8"), "int4", 64)
