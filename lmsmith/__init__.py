@@ -31,7 +31,8 @@ _EXPORTS = {
     "finetune": "lmsmith.train.api",
     "pretrain": "lmsmith.train.api",
     "run_recipe": "lmsmith.compress.recipe",
-
+    "explain": "lmsmith.explain.explanation",
+    "attention_maps": "lmsmith.explain.attention",
 }
 __all__ = sorted(_EXPORTS)
 

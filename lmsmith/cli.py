@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
@@ -20,8 +20,8 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _gen_kwargs(a: argparse.Namespace) -> dict:
-    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                min_p=a.min_p, repetition_penalty=a.repetition_penalty, stop=tuple(a.stop), seed=a.seed)
+    return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p,
+                "min_p": a.min_p, "repetition_penalty": a.repetition_penalty, "stop": tuple(a.stop), "seed": a.seed}
 
 
 def _print_json(result) -> None:
@@ -89,10 +89,11 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
 def _all_verbs() -> dict[str, tuple[str, Callable, Callable]]:
     """Our verbs plus those each area declares next to its code (their imports stay lazy)."""
     from .compress.cli_verbs import VERBS as compress_verbs
+    from .explain.cli_verbs import VERBS as explain_verbs
     from .serve.cli_verbs import VERBS as serve_verbs
     from .train.cli_verbs import VERBS as train_verbs
 
-    return {**VERBS, **train_verbs, **compress_verbs, **serve_verbs}
+    return {**VERBS, **train_verbs, **compress_verbs, **explain_verbs, **serve_verbs}
 
 
 def build_parser() -> argparse.ArgumentParser:
