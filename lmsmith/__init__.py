@@ -8,6 +8,10 @@ The public API, imported lazily so `import lmsmith` stays cheap:
     lmsmith.finetune("minilm-sentiment-lora")          # a shipped recipe or a YAML file
     lmsmith.run_recipe("compress-smollm2-int8")     # compression: prune → distill → quantize
     lmsmith.serve.serve()                              # OpenAI-compatible HTTP server
+
+The checking tools live in their packages (their names would clash with the package names here):
+`from lmsmith.evaluate import evaluate`, `from lmsmith.explain import explain, attention_maps`,
+`from lmsmith.robustness import ...`.
 """
 from __future__ import annotations
 
@@ -31,8 +35,6 @@ _EXPORTS = {
     "finetune": "lmsmith.train.api",
     "pretrain": "lmsmith.train.api",
     "run_recipe": "lmsmith.compress.recipe",
-    "explain": "lmsmith.explain.explanation",
-    "attention_maps": "lmsmith.explain.attention",
 }
 __all__ = sorted(_EXPORTS)
 

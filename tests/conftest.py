@@ -17,6 +17,15 @@ cuda_tests = [pytest.mark.cuda, requires_cuda]
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors on a busy 2-core machine: a second OpenMP thread costs far more than it saves."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def exact_fp32_on_cuda():
     """TF32 matmuls would put fp32 GPU results ~1e-3 away from the CPU's; compare exact fp32 instead."""
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

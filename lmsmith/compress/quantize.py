@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmsmith.compress import native
+from lmsmith.evaluate.memory import model_size_bytes, release_freed_heap  # noqa: F401 (public here too)
 
 log = logging.getLogger(__name__)
 
@@ -1094,17 +1095,6 @@ def quantize_model(
     return config
 
 
-def release_freed_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc's malloc_trim). Freed weights of a few MB come
-    from the heap, not from their own mappings, and glibc keeps such memory until trimmed."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _check_int4_options(method: str, spec: _MethodSpec, clip_search: bool) -> None:
     if not isinstance(clip_search, bool):
         raise TypeError(f"clip_search must be True or False, got {clip_search!r}")
@@ -1267,16 +1257,3 @@ def dequantize_model(model: nn.Module) -> int:
     if hasattr(model, "quantization_config"):
         del model.quantization_config
     return len(names)
-
-
-def model_size_bytes(model: nn.Module) -> int:
-    """Bytes of the model's saved tensors (state dict), counting tensors shared by tying once.
-    Kernel-packed copies built at run time are not included."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for tensor in model.state_dict().values():
-        key = (tensor.data_ptr(), tensor.nbytes)
-        if key not in seen:
-            seen.add(key)
-            total += tensor.nbytes
-    return total

@@ -1,4 +1,5 @@
-"""Measure a compressed model against the model it started from: quality, size, memory, speed.
+"""Compare a compressed model with the model it started from: ratios, the Pareto front, a markdown
+table and trade-off plots.
 
     evalset = lm_eval_set(tokenizer)                      # or classifier_eval_set(tokenizer, records, labels)
     start = measure(model, evalset, "fp32")
@@ -6,277 +7,34 @@
     print(markdown_table([start, small]))                 # ratios against the first row, Pareto marks
     plot_tradeoffs([start, small], "runs/report")         # quality-vs-size and quality-vs-speed PNGs
 
-Quality: accuracy and macro-F1 on the test split (classifiers); perplexity on a fixed held-out
-text (causal LMs). Size: bytes of the saved weights (`path` given) or of the in-memory tensors.
-Parameters: logical weights (a quantized Linear counts in × out) and how many are nonzero. Speed:
-examples/s (classifiers) or decode tokens/s (LMs, after the prompt) at each batch size, with the
-latency per batch / per decode step. Peak memory: the model's tensors plus the largest growth of
-resident memory during the speed runs (CUDA: peak allocated bytes).
+Measuring itself (eval sets, quality, parameters, size, speed, peak memory) lives in
+`lmsmith.evaluate`; its names are re-exported here so compression code and recipes import one module.
 """
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-import torch
-from torch import nn
-
-from ..generation import GenerationConfig, iter_tokens
-from ..train.objectives import Objective, causal_lm, sequence_classification
-from .batches import classification_batches, classification_features, lm_batches, lm_blocks, pad_id_of
-from .heldout import heldout_text
-from .quantize import QuantizedLinear, model_size_bytes, release_freed_heap
-
-KINDS = ("classifier", "lm")
-# Main quality metric per kind and whether higher is better.
-MAIN_METRIC = {"classifier": ("macro_f1", True), "lm": ("perplexity", False)}
-SPEED_PROMPTS = (
-    "The history of the printing press begins", "Write a short note about the sea.",
-    "Explain how a bicycle works:", "A list of healthy breakfast ideas:",
-    "The three most important ideas in economics are", "Once upon a time, in a village by a forest,",
-    "Translate to French: the weather is nice today.", "def fibonacci(n):",
+from ..evaluate.measure import (
+    KINDS,
+    MAIN_METRIC,
+    SPEED_PROMPTS,
+    EvalSet,
+    Measurement,
+    MeasureSettings,
+    classifier_eval_set,
+    lm_eval_set,
+    measure,
+    quality_metrics,
 )
+from ..evaluate.memory import MemoryTracker, count_parameters, size_on_disk
 
-
-# --------------------------------------------------------------------------------------------------
-# What to measure on
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EvalSet:
-    """Quality batches, the objective that scores them, and inputs for the speed runs."""
-
-    kind: str  # "classifier" or "lm"
-    batches: tuple[dict, ...]
-    objective: Objective
-    speed_inputs: tuple[tuple[int, ...], ...]  # classifier examples or LM prompts (token ids)
-    pad_id: int
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"EvalSet kind {self.kind!r} is not one of {KINDS}")
-        if not self.batches or not self.speed_inputs:
-            raise ValueError("an EvalSet needs quality batches and speed inputs")
-
-
-def classifier_eval_set(tokenizer, records, labels: Sequence[str], max_length: int = 128,
-                        batch_size: int = 32) -> EvalSet:
-    """Accuracy / macro-F1 over `records` (the test split); speed on the first 8 of them."""
-    features = classification_features(records, tokenizer, labels, max_length)
-    pad = pad_id_of(tokenizer)
-    speed = tuple(tuple(f["input_ids"]) for f in features[:8])
-    batches = tuple(classification_batches(features, pad, batch_size))
-    return EvalSet("classifier", batches, sequence_classification(labels), speed, pad)
-
-
-def lm_eval_set(tokenizer, text: str | None = None, seq_len: int = 256, batch_size: int = 4,
-                prompts: Sequence[str] = SPEED_PROMPTS) -> EvalSet:
-    """Perplexity over `text` (default: the package's held-out paragraphs) in windows of `seq_len`."""
-    blocks = lm_blocks(tokenizer, [text if text is not None else heldout_text()], seq_len)
-    speed = tuple(tuple(tokenizer.encode(p)) for p in prompts)
-    return EvalSet("lm", tuple(lm_batches(blocks, batch_size)), causal_lm(), speed, pad_id_of(tokenizer))
-
-
-# --------------------------------------------------------------------------------------------------
-# Measurements
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Measurement:
-    name: str
-    kind: str
-    quality: dict[str, float]
-    parameters: int
-    nonzero_parameters: int
-    size_bytes: int
-    peak_memory_mb: float
-    speed: dict[str, float] = field(default_factory=dict)  # "b{n}_per_s", "b{n}_latency_ms"
-
-    @property
-    def main_quality(self) -> float:
-        return self.quality[MAIN_METRIC[self.kind][0]]
-
-    def per_s(self, batch: int) -> float:
-        return self.speed.get(f"b{batch}_per_s", float("nan"))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Measurement:
-        return cls(**data)
-
-
-@dataclass(frozen=True)
-class MeasureSettings:
-    batch_sizes: tuple[int, ...] = (1, 8)
-    new_tokens: int = 32  # decode steps per LM speed run
-    repeats: int = 3  # timed classifier batches per batch size
-    quality: bool = True
-    speed: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.batch_sizes or min(self.batch_sizes) < 1 or self.new_tokens < 2 or self.repeats < 1:
-            raise ValueError(f"measure settings need batch sizes >= 1, new_tokens >= 2, repeats >= 1; got {self}")
-
-
-def measure(model: nn.Module, evalset: EvalSet, name: str, *, path: str | Path | None = None,
-            settings: MeasureSettings = MeasureSettings()) -> Measurement:
-    """Quality, parameters, size, peak memory and speed of `model` (in eval mode, on its device)."""
-    was_training = model.training
-    model.eval()
-    try:
-        quality = quality_metrics(model, evalset) if settings.quality else {}
-        total, nonzero = count_parameters(model)
-        speed, extra_bytes = _speed_with_memory(model, evalset, settings) if settings.speed else ({}, 0)
-    finally:
-        model.train(was_training)
-    return Measurement(name, evalset.kind, quality, total, nonzero, size_on_disk(model, path),
-                       (model_size_bytes(model) + extra_bytes) / 2**20, speed)
-
-
-@torch.no_grad()
-def quality_metrics(model: nn.Module, evalset: EvalSet) -> dict[str, float]:
-    device = _device_of(model)
-    batches = ({k: v.to(device) for k, v in b.items()} for b in evalset.batches)
-    metrics = evalset.objective.evaluate(model, batches)
-    keep = ("accuracy", "macro_f1", "loss") if evalset.kind == "classifier" else ("perplexity", "loss", "tokens")
-    return {k: float(metrics[k]) for k in keep}
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(logical weights, nonzero weights); a quantized Linear counts in × out (+ bias) weights."""
-    seen: set[int] = set()
-    total = nonzero = 0
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            weight = module.dequantize_weight()
-            total += weight.numel() + (module.bias.numel() if module.bias is not None else 0)
-            nonzero += int((weight != 0).sum()) + (int((module.bias != 0).sum()) if module.bias is not None else 0)
-            continue
-        for p in module.parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-                nonzero += int((p != 0).sum())
-    return total, nonzero
-
-
-def size_on_disk(model: nn.Module, path: str | Path | None = None) -> int:
-    """Bytes of the saved weight files in `path` (a folder or file), else of the model's tensors."""
-    if path is None:
-        return model_size_bytes(model)
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} holds no .safetensors weights")
-    return sum(f.stat().st_size for f in files)
-
-
-# --------------------------------------------------------------------------------------------------
-# Speed and memory
-# --------------------------------------------------------------------------------------------------
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _speed_with_memory(model, evalset: EvalSet, settings: MeasureSettings) -> tuple[dict[str, float], int]:
-    device = _device_of(model)
-    tracker = MemoryTracker(device)
-    run = _classifier_speed if evalset.kind == "classifier" else _lm_speed
-    speed: dict[str, float] = {}
-    with tracker:
-        for batch in settings.batch_sizes:
-            speed.update(run(model, evalset, batch, settings))
-    return speed, tracker.growth_bytes
-
-
-def _rows(inputs: Sequence[Sequence[int]], batch: int) -> list[list[int]]:
-    """`batch` inputs, cycling through the available ones."""
-    return [list(inputs[i % len(inputs)]) for i in range(batch)]
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def _classifier_speed(model, evalset: EvalSet, batch: int, settings: MeasureSettings) -> dict[str, float]:
-    from ..data import collate_padded
-
-    device = _device_of(model)
-    inputs = collate_padded([{"input_ids": r} for r in _rows(evalset.speed_inputs, batch)], evalset.pad_id)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    model(**inputs)  # warm-up: kernel packing, allocator
-    _synchronize(device)
-    start = time.perf_counter()
-    for _ in range(settings.repeats):
-        model(**inputs)
-    _synchronize(device)
-    seconds = (time.perf_counter() - start) / settings.repeats
-    return {f"b{batch}_latency_ms": seconds * 1e3, f"b{batch}_per_s": batch / seconds}
-
-
-def _lm_speed(model, evalset: EvalSet, batch: int, settings: MeasureSettings) -> dict[str, float]:
-    """Decode tokens/s after the prompt (prefill excluded) and milliseconds per decode step."""
-    prompts = _rows(evalset.speed_inputs, batch)
-    device = _device_of(model)
-    for _ in iter_tokens(model, prompts, GenerationConfig(max_new_tokens=2), evalset.pad_id):
-        pass  # warm-up
-    config = GenerationConfig(max_new_tokens=settings.new_tokens)
-    stamps = []
-    for _ in iter_tokens(model, prompts, config, evalset.pad_id):
-        _synchronize(device)
-        stamps.append(time.perf_counter())
-    steps = len(stamps) - 1
-    seconds = stamps[-1] - stamps[0]
-    return {f"b{batch}_latency_ms": seconds / steps * 1e3, f"b{batch}_per_s": batch * steps / seconds}
-
-
-class MemoryTracker:
-    """Largest growth of memory use inside the `with` block: peak allocated bytes on CUDA; on Linux
-    CPUs the resident-set high-water mark, reset on entry through /proc/self/clear_refs."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.growth_bytes, self._before = device, 0, 0
-
-    def __enter__(self) -> MemoryTracker:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._before = torch.cuda.memory_allocated(self.device)
-        else:
-            _reset_peak_rss()
-            self._before = _rss_bytes("VmRSS")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _rss_bytes("VmHWM")
-        self.growth_bytes = max(0, peak - self._before)
-
-
-def _reset_peak_rss() -> bool:
-    release_freed_heap()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _rss_bytes(field_name: str) -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+__all__ = [
+    "KINDS", "MAIN_METRIC", "SPEED_PROMPTS", "EvalSet", "MeasureSettings", "Measurement", "MemoryTracker",
+    "classifier_eval_set", "compare", "count_parameters", "lm_eval_set", "markdown_table", "measure",
+    "pareto_front", "plot_tradeoffs", "quality_metrics", "size_on_disk",
+]
 
 
 # --------------------------------------------------------------------------------------------------

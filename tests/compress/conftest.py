@@ -39,15 +39,6 @@ if TINY_DATASET not in dataset_names():
     register_dataset(TINY_DATASET)(_tiny_dataset)
 
 
-@pytest.fixture
-def one_thread():
-    """A shared 2-core machine makes multi-threaded tiny matmuls far slower (OpenMP spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def tok():
     return tiny_tokenizer()

@@ -75,9 +75,7 @@ def causal_lm(bpe_tokenizer) -> Transformer:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors on a busy 2-core machine: a second thread costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_threaded(one_thread):
+    """Every test here runs on one thread (tests/conftest.py says why)."""
+
+

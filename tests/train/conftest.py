@@ -9,7 +9,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 WORDS = ("the cat dog bird sat ran flew on under over a mat log tree and then quickly slowly red blue "
          "big small happy sad tweet day night sun rain").split()
@@ -17,15 +16,6 @@ CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny tensors on a busy 2-core machine: a second thread costs ~10× more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_corpus(folder: Path, documents: int = 120, seed: int = 0) -> Path:
