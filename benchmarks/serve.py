@@ -4,9 +4,12 @@ One command (the full run is planned to finish within --budget-min, default 9.5 
 
     python benchmarks/serve.py [--quick] [--concurrency 1 8 32] [--new-tokens 128] [--json out.json]
 
-* lmsmith: `serve()` in a subprocess on 127.0.0.1 at fp32, and again with `quantize="w8a8"` and
-  `quantize="int4"`, loaded with `bench serve` (closed loop, streaming) at each concurrency: one wave
-  of `concurrency` requests, ~29-token prompts, exactly --new-tokens new tokens each (ignore_eos).
+* lmsmith: `serve()` in a subprocess on 127.0.0.1 at fp32, and again for each --quantize variant:
+  int8 (weight-only, quantized at load), int4 (g64, at load), w8a8 (at load, plain: ~10% perplexity
+  cost) and w8a8-smooth (the artifact of `lmsmith compress compress-smollm2-w8a8`: SmoothQuant, then
+  W8A8; skipped if absent). Loaded with `bench serve` (closed loop, streaming) at each concurrency:
+  after a short warm-up wave, one wave of `concurrency` requests, ~29-token prompts, exactly
+  --new-tokens new tokens each (ignore_eos).
 * transformers: the same model (GGUF dequantized to fp32) generating each wave as one static batch
   with `model.generate`; TTFT, inter-token latency and end-to-end latency come from a per-step
   timestamp, as if the batch were requests that arrived together.
@@ -58,7 +61,10 @@ from lmsmith.serve.bench import (
 PROMPT_WORDS = 29  # one token per word with SmolLM2's tokenizer (the table reports the measured count)
 PRIORITY_SEQS, PRIORITY_LOAD = 4, 8  # priority test: 4 running + 4 queued low-priority streams
 PRIORITY_TARGET = 2.0  # high-priority TTFT under load / alone
-LMSMITH_VARIANTS = {"lmsmith fp32": None, "lmsmith w8a8": "w8a8", "lmsmith int4": "int4"}
+# variant → (quantize at load, model): None model = the embedded SmolLM2
+LMSMITH_VARIANTS = {"lmsmith fp32": (None, None), "lmsmith w8a8": ("w8a8", None), "lmsmith int4": ("int4", None),
+                    "lmsmith int8": ("int8", None), "lmsmith w8a8-smooth": (None, "w8a8-smooth")}
+SMOOTH_RECIPE = "compress-smollm2-w8a8"  # `lmsmith compress` it first; the artifact is served as saved
 TRANSFORMERS = "transformers fp32 (static batch)"
 # The issue's numbers (another machine): output tok/s at 1 / 8 / 32 streams, same model and lengths.
 REFERENCE_TOK_S = {
@@ -141,9 +147,10 @@ def running(cmd: list[str], port: int, log: Path | None = None):
             out.close()
 
 
-def lmsmith_server(port: int, max_num_seqs: int, threads: int | None, quantize: str | None = None) -> list[str]:
+def lmsmith_server(port: int, max_num_seqs: int, threads: int | None, quantize: str | None = None,
+                   model: str | None = None) -> list[str]:
     args = (f"port={port}, max_num_seqs={max_num_seqs}, max_waiting_requests=1024, log_level='warning', "
-            f"drain_timeout_s=5, threads={threads!r}, max_model_len=1024, quantize={quantize!r}")
+            f"drain_timeout_s=5, threads={threads!r}, max_model_len=1024, quantize={quantize!r}, model={model!r}")
     return [sys.executable, "-c", f"from lmsmith.serve.server import serve; serve({args})"]
 
 
@@ -196,7 +203,10 @@ def llama_cpp_command(port: int, gguf: Path) -> tuple[list[str] | None, str]:
 
 # ============================================================================ measurements
 def bench_level(url: str, concurrency: int, new_tokens: int, rounds: int) -> dict:
-    run_bench(BenchConfig(url=url, num_requests=1, concurrency=1, output_len=LengthDist(4)))  # warm-up
+    # warm-up: every batch shape's kernels and the KV pool's first pages, before the clock starts
+    warm = min(concurrency, 8)
+    run_bench(BenchConfig(url=url, num_requests=warm, concurrency=warm, prompt_len=LengthDist(PROMPT_WORDS),
+                          output_len=LengthDist(8)))
     return run_bench(BenchConfig(url=url, num_requests=concurrency * rounds, concurrency=concurrency,
                                  prompt_len=LengthDist(PROMPT_WORDS), output_len=LengthDist(new_tokens),
                                  duration_s=600, request_timeout_s=600))
@@ -232,15 +242,27 @@ def row_from_report(engine: str, concurrency: int, report: dict) -> dict:
 def lmsmith_rows(a: argparse.Namespace, budget: Budget, variants: list[str]) -> list[dict]:
     rows = []
     for engine in variants:
-        quantize = LMSMITH_VARIANTS[engine]
+        quantize, model = LMSMITH_VARIANTS[engine]
+        if model == "w8a8-smooth":
+            model = smoothed_artifact(a.smooth_artifact)
+            if model is None:
+                rows.append(skipped_row(engine, None, f"skipped: no artifact at {a.smooth_artifact} "
+                                                      f"(run `lmsmith compress {SMOOTH_RECIPE}` first)"))
+                continue
         if budget.left() < SERVER_START_S:
             rows.append(skipped_row(engine, None, "skipped: time budget used up"))
             continue
         print(f"{engine} server ...", flush=True)
         port = free_port()
-        with running(lmsmith_server(port, max(32, *a.concurrency), a.threads, quantize), port) as url:
+        with running(lmsmith_server(port, max(32, *a.concurrency), a.threads, quantize, model), port) as url:
             rows += bench_rows(engine, url, a, budget)
     return rows
+
+
+def smoothed_artifact(output_dir: str) -> str | None:
+    """The last artifact the SmoothQuant W8A8 recipe kept (its NN-step folders sort by step)."""
+    steps = sorted(p for p in Path(output_dir).glob("[0-9][0-9]-*") if (p / "lmsmith.json").exists())
+    return str(steps[-1]) if steps else None
 
 
 # ---------------------------------------------------------------------------- priority
@@ -499,7 +521,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="default: 1 8 32 (quick: 1 4)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default: 128 (quick: 16)")
     parser.add_argument("--rounds", type=int, default=1, help="waves of `concurrency` requests per level")
-    parser.add_argument("--quantize", nargs="*", default=["w8a8", "int4"], choices=["w8a8", "int4"],
+    parser.add_argument("--smooth-artifact", default=f"runs/{SMOOTH_RECIPE}",
+                        help="output folder of the SmoothQuant W8A8 recipe (the 'w8a8-smooth' variant)")
+    parser.add_argument("--quantize", nargs="*", default=["int8", "w8a8-smooth", "int4"],
+                        choices=["w8a8", "int4", "int8", "w8a8-smooth"],
                         help="quantized lmsmith variants to add next to fp32 (none: `--quantize` alone)")
     parser.add_argument("--budget-min", type=float, default=9.5, help="skip levels that would not finish by then")
     parser.add_argument("--threads", type=int, default=None)

@@ -16,7 +16,8 @@ to calibrate / train / evaluate on, and a list of steps run in order:
 Steps: finetune (the task objective through the training loop, e.g. to give a fresh classifier head
 its weights), prune (unstructured / N:M masks, `prune.py`), structured (heads / neurons / layers
 removed, `structured.py`), distill (student = a subset of the current model's layers, trained
-through the loop's distillation objective), quantize (`quantize.py`). Every step saves an artifact
+through the loop's distillation objective), smooth (SmoothQuant's rescaling before W8A8,
+`smooth.py`; calibrated), quantize (`quantize.py`). Every step saves an artifact
 `OUTPUT/NN-step/` whose manifest history records each step's settings, result and measurements
 (`report.py`) compared with the start; by default only the latest passing artifact is kept.
 
@@ -71,6 +72,7 @@ from .report import (
     measure,
     plot_tradeoffs,
 )
+from .smooth import smooth_model
 from .structured import structured_prune
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -138,9 +140,14 @@ class QuantizeStep:
     gptq_damp: float = 0.01  # GPTQ: added to the Hessian diagonal, as a fraction of its mean
 
 
+@dataclass(frozen=True)
+class SmoothStep:
+    alpha: float = 0.5  # SmoothQuant's migration strength: 0 keeps activations as they are
+
+
 STEP_SETTINGS: dict[str, type] = {"finetune": FinetuneStep, "prune": PruneStep, "structured": StructuredStep,
-                                  "distill": DistillStep, "quantize": QuantizeStep}
-FLOAT_ONLY_STEPS = ("finetune", "prune", "structured", "distill")
+                                  "distill": DistillStep, "smooth": SmoothStep, "quantize": QuantizeStep}
+FLOAT_ONLY_STEPS = ("finetune", "prune", "structured", "distill", "smooth")
 GATE_LIMITS = ("max_drop", "max_rise", "max_ratio")
 GATE_REFERENCES = ("start", "previous")
 
@@ -506,6 +513,10 @@ def run_distill(teacher, s: DistillStep, run: StepRun):
                      "train": _train_summary(result)}
 
 
+def run_smooth(model, s: SmoothStep, run: StepRun):
+    return model, smooth_model(model, _calibration_for(model, run), alpha=s.alpha)
+
+
 def run_quantize(model, s: QuantizeStep, run: StepRun):
     calibrated = s.method.startswith("gptq") or s.clip_search
     calibration = _calibration_for(model, run) if calibrated else None
@@ -521,7 +532,7 @@ def run_quantize(model, s: QuantizeStep, run: StepRun):
 
 
 STEP_RUNNERS = {"finetune": run_finetune, "prune": run_prune, "structured": run_structured,
-                "distill": run_distill, "quantize": run_quantize}
+                "distill": run_distill, "smooth": run_smooth, "quantize": run_quantize}
 
 
 # --------------------------------------------------------------------------------------------------

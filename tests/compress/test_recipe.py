@@ -20,7 +20,8 @@ from .conftest import TINY_DATASET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST_MEASURE = {"batch_sizes": [1, 2], "new_tokens": 3, "repeats": 1}
-SHIPPED = ["compress-smollm2-int8", "compress-smollm2-int4", "compress-minilm-distill", "compress-smollm2-wanda"]
+SHIPPED = ["compress-smollm2-int8", "compress-smollm2-int4", "compress-smollm2-w8a8", "compress-minilm-distill",
+           "compress-smollm2-wanda"]
 
 
 def lm_recipe(folder, output, steps):
