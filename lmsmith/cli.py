@@ -91,10 +91,11 @@ def _all_verbs() -> dict[str, tuple[str, Callable, Callable]]:
     from .compress.cli_verbs import VERBS as compress_verbs
     from .evaluate.cli_verbs import VERBS as evaluate_verbs
     from .explain.cli_verbs import VERBS as explain_verbs
+    from .robustness.cli_verbs import VERBS as robustness_verbs
     from .serve.cli_verbs import VERBS as serve_verbs
     from .train.cli_verbs import VERBS as train_verbs
 
-    return {**VERBS, **train_verbs, **compress_verbs, **evaluate_verbs, **explain_verbs, **serve_verbs}
+    return {**VERBS, **train_verbs, **compress_verbs, **evaluate_verbs, **explain_verbs, **robustness_verbs, **serve_verbs}
 
 
 def build_parser() -> argparse.ArgumentParser:

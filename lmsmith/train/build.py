@@ -44,11 +44,22 @@ def load_splits(section: DataSection, objective: str) -> tuple[D.Splits, tuple[s
                      "seed": section.seed}
     if section.source in D.dataset_names():
         loaded = D.load_dataset(section.source, stratify=section.stratify, **split_options)
-        return loaded.splits, tuple(section.labels or loaded.labels)
+        return augmented(loaded.splits, section), tuple(section.labels or loaded.labels)
     records = read_records(section, objective)
     labelled = objective in CLASSIFICATION and objective != "token-classification"
     splits = D.split(records, stratify=section.stratify and labelled, **split_options)
-    return splits, tuple(section.labels) or infer_labels(splits.train, objective)
+    return augmented(splits, section), tuple(section.labels) or infer_labels(splits.train, objective)
+
+
+def augmented(splits: D.Splits, section: DataSection) -> D.Splits:
+    """The splits with `data.augment`'s perturbed copies added to train (validation/test untouched)."""
+    if section.augment is None:
+        return splits
+    from ..robustness.augmentation import augment_train_split
+
+    splits, counts = augment_train_split(splits, section.augment)
+    log.info("data.augment: %s", counts.describe())
+    return splits
 
 
 def data_format(section: DataSection) -> str:
@@ -344,8 +355,12 @@ def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, splits: D.Splits, labels:
 
 def build_objective(cfg: RunConfig, labels: tuple[str, ...]) -> Objective:
     objective = objective_for(cfg.objective, labels)
-    if cfg.distill.teacher is None:
-        return objective
-    teacher, _ = load_pretrained(cfg.distill.teacher, MODEL_TASKS[cfg.objective], labels, torch.float32)
-    d = cfg.distill
-    return Distillation(objective, teacher.eval(), d.temperature, d.alpha, d.hidden_weight)
+    if cfg.distill.teacher is not None:
+        teacher, _ = load_pretrained(cfg.distill.teacher, MODEL_TASKS[cfg.objective], labels, torch.float32)
+        d = cfg.distill
+        objective = Distillation(objective, teacher.eval(), d.temperature, d.alpha, d.hidden_weight)
+    if cfg.train.adversarial is not None:
+        from ..robustness.adversarial import AdversarialObjective
+
+        objective = AdversarialObjective(objective, cfg.train.adversarial)
+    return objective

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from ..data.sampler import ResumableSampler
 from ..io.checkpoint import replace_dir
+from ..robustness.adversarial import AdversarialSettings
 from . import distributed as D
 from . import state as S
 from .objectives import Batch, Objective
@@ -72,6 +73,8 @@ class TrainSettings:
     progress: bool = True
     tensorboard: bool = True
     device: str = "auto"
+    # adversarial training on the token embeddings, e.g. {method: fgm, epsilon: 1.0}; None = plain training
+    adversarial: AdversarialSettings | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from ..compress.quantize import LOAD_TIME_METHODS
+from ..robustness.augmentation import AugmentSettings
 from .loop import TrainSettings
 from .objectives import OBJECTIVES
 from .peft import AdaLoraConfig, BottleneckConfig, IA3Config, LoraConfig, PeftConfig, PrefixConfig
@@ -85,6 +86,8 @@ class DataSection:
     max_length: int = 128
     labels: tuple[str, ...] = ()  # class names; default: the data set's
     mlm_probability: float = 0.15
+    # perturbed copies of the TRAIN split, e.g. {perturbations: [typos], copies: 1, probability: 0.5}
+    augment: AugmentSettings | None = None
 
     def __post_init__(self) -> None:
         if self.format not in DATA_FORMATS:
