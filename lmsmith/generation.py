@@ -1,16 +1,17 @@
 """A simple batched generate loop over a static KV cache, plus streaming.
 
 The server has its own engine (paged cache, continuous batching); this loop is for the library,
-the CLI and as the reference the engine is tested against.
+the CLI and as the reference the engine is tested against. Encoder-decoder models (T5) take the
+prompt as the encoder input and generate from `decoder_start_token_id`.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
 
 import torch
 
-from .model.cache import StaticKVCache
+from .model.cache import EncoderDecoderCache, StaticKVCache
 from .model.transformer import Transformer
 from .sampling import SamplingSettings, make_generator, sample
 
@@ -83,13 +84,31 @@ def fit_to_context(ids: list[int], context: int, config: GenerationConfig) -> tu
     return ids, min(config.max_new_tokens, context - len(ids))
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_budget(model_config, ids: list[int], config: GenerationConfig) -> tuple[list[int], int]:
+    """(the prompt as it will run, max new tokens) for a model.
+
+    A decoder-only prompt shares the context window with its completion. An encoder-decoder prompt
+    fills the encoder's window; the decoder has its own, holding its start token and the new tokens.
+    """
+    context = model_config.max_position_embeddings
+    if not getattr(model_config, "encoder_decoder", False):
+        return fit_to_context(ids, context, config)
+    if len(ids) > context:
+        if not config.truncate_prompt:
+            raise ValueError(f"prompt has {len(ids)} tokens but the encoder's context window is {context} tokens "
+                             "(shorten it, or pass truncate_prompt=True to keep its tail)")
+        ids = ids[-context:]
+    return ids, min(config.max_new_tokens, context - 1)
+
+
+def _pad(rows: list[list[int]], pad_id: int, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(r)
+        mask[i, span] = 1
     return ids, mask
 
 
@@ -97,11 +116,14 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 def iter_tokens(model: Transformer, prompts: list[list[int]], config: GenerationConfig,
                 pad_id: int) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,) each step until every row stopped or hit its budget."""
+    if getattr(model.config, "encoder_decoder", False):
+        yield from _iter_seq2seq_tokens(model, prompts, config, pad_id)
+        return
     device = model.device
     budgets = [fit_to_context(p, model.config.max_position_embeddings, config) for p in prompts]
     prompts = [p for p, _ in budgets]
     steps = max(b for _, b in budgets)
-    ids, mask = _left_pad(prompts, pad_id)
+    ids, mask = _pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     B, width = ids.shape
     cache = StaticKVCache(model.config, B, width + steps, device=device, dtype=model.dtype)
@@ -125,6 +147,35 @@ def iter_tokens(model: Transformer, prompts: list[list[int]], config: Generation
         next_pos = next_pos + 1
 
 
+@torch.inference_mode()
+def _iter_seq2seq_tokens(model: Transformer, prompts: list[list[int]], config: GenerationConfig,
+                         pad_id: int) -> Iterator[torch.Tensor]:
+    """Encode the (right-padded) prompts once, then decode from decoder_start_token_id; the cache keeps
+    the decoder's keys/values and the encoder's cross-attention keys/values."""
+    cfg, device = model.config, model.device
+    if cfg.decoder_start_token_id is None:
+        raise ValueError(f"this {cfg.family} encoder-decoder model has no decoder_start_token_id in its config")
+    budgets = [prompt_budget(cfg, p, config) for p in prompts]
+    steps = max(b for _, b in budgets)
+    ids, mask = _pad([p for p, _ in budgets], pad_id, left=False)
+    B = ids.shape[0]
+    cache = EncoderDecoderCache(cfg, B, steps + 1, device=device, dtype=model.dtype)  # start token + steps
+    token = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+    settings = SamplingSettings.from_rows([config] * B, device=device)
+    generators = [make_generator(None if config.seed is None else config.seed + i, device) for i in range(B)]
+    # As transformers does for encoder-decoder models, the penalty sees the decoder's tokens only.
+    seen = _seen_tokens(token, None, cfg.vocab_size) if config.repetition_penalty != 1 else None
+    padded = bool((mask == 0).any())
+    logits = model(ids.to(device), attention_mask=mask.to(device) if padded else None, decoder_input_ids=token,
+                   cache=cache).logits[:, -1]
+    for _ in range(steps):
+        token = sample(logits, settings, generators, seen)
+        yield token
+        if seen is not None:
+            seen[torch.arange(B), token] = True
+        logits = model(decoder_input_ids=token.view(B, 1), cache=cache).logits[:, -1]
+
+
 def _seen_tokens(ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch.Tensor:
     seen = torch.zeros(ids.shape[0], vocab, dtype=torch.bool, device=ids.device)
     return seen.scatter_(1, ids * mask, mask.bool()) if mask is not None else seen.scatter_(1, ids, True)
@@ -142,7 +193,7 @@ def generate(model: Transformer, tokenizer, prompts, config: GenerationConfig | 
     config = replace(config or GenerationConfig(), **overrides)
     encoded = encode_prompts(tokenizer, prompts)
     rows = [_Row(len(p)) for p in encoded]
-    budgets = [fit_to_context(p, model.config.max_position_embeddings, config)[1] for p in encoded]
+    budgets = [prompt_budget(model.config, p, config)[1] for p in encoded]
     stop_ids = _stop_ids(tokenizer, config)
     for tokens in iter_tokens(model, encoded, config, _pad_id(tokenizer)):
         for row, token, budget in zip(rows, tokens.tolist(), budgets):
@@ -194,7 +245,7 @@ def stream(model: Transformer, tokenizer, prompt: str | list[int], config: Gener
     part of a stop string."""
     config = replace(config or GenerationConfig(), **overrides)
     encoded = encode_prompts(tokenizer, [prompt])
-    budget = fit_to_context(encoded[0], model.config.max_position_embeddings, config)[1]
+    budget = prompt_budget(model.config, encoded[0], config)[1]
     row, sent = _Row(len(encoded[0])), 0
     stop_ids = _stop_ids(tokenizer, config)
     for tokens in iter_tokens(model, encoded, config, _pad_id(tokenizer)):

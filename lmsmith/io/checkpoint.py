@@ -10,9 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from ..model.config import ModelConfig
 from ..model.families import config_from_hf, config_to_hf
@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some checkpoints carry that we recompute instead of loading.
 _IGNORABLE = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "attention.bias", "attention.masked_bias",
-              "embeddings.position_ids")
+              "embeddings.position_ids",
+              # T5: copies of the shared embedding, and a cross-attention position table T5 never uses
+              "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+              "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
 
 
 def read_config(folder: Path) -> dict:

@@ -7,8 +7,9 @@ from ..model.config import ModelConfig
 from ..model.families import FAMILIES
 
 # Old BERT checkpoints call LayerNorm parameters gamma/beta; BERT's MLM bias sits beside the decoder.
+# A T5 checkpoint without `lm_head.weight` ties the head to `shared` (as transformers does).
 _ALIASES = {"weight": ("gamma",), "bias": ("beta",)}
-_EXTRA_ALIASES = {"cls.predictions.decoder.bias": ("cls.predictions.bias",)}
+_EXTRA_ALIASES = {"cls.predictions.decoder.bias": ("cls.predictions.bias",), "lm_head.weight": ("shared.weight",)}
 _PARAMS = ("weight", "bias")
 
 
@@ -97,8 +98,10 @@ def to_ours(
                 continue
             if stored is None:
                 raise CheckpointError(f"{source}: missing tensor {their_name!r} (needed for {our_names[0]!r})")
+            # A tensor read twice (T5's head falling back to `shared`) is cloned: shared storage would
+            # tie modules the config keeps apart, and safetensors refuses to save it.
+            t = theirs[stored].clone() if stored in used else theirs[stored]
             used.add(stored)
-            t = theirs[stored]
             if kind in ("copy", "conv1d"):
                 ours[our_names[0]] = t.t() if (kind == "conv1d" and param == "weight") else t
             else:

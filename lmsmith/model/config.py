@@ -11,8 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-Task = Literal["base", "causal-lm", "masked-lm", "sequence-classification", "token-classification"]
-TASKS: tuple[str, ...] = ("base", "causal-lm", "masked-lm", "sequence-classification", "token-classification")
+Task = Literal["base", "causal-lm", "masked-lm", "sequence-classification", "token-classification", "seq2seq-lm"]
+TASKS: tuple[str, ...] = ("base", "causal-lm", "masked-lm", "sequence-classification", "token-classification",
+                          "seq2seq-lm")
+SEQ2SEQ_TASKS = ("seq2seq-lm", "base")  # what an encoder-decoder model can be loaded as
 POSITIONS = ("rope", "learned", "none", "relative")
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
@@ -43,7 +45,8 @@ class ModelConfig:
     head_dim: int | None = None  # None: hidden_size // num_heads
     max_position_embeddings: int = 2048
     # attention
-    causal: bool = True
+    causal: bool = True  # encoder-decoder: describes the decoder (the encoder is always bidirectional)
+    attention_scale: float | None = None  # None: 1/sqrt(head_dim); T5 does not scale q·k (1.0)
     attn_qkv_bias: bool = False
     attn_out_bias: bool = False
     sliding_window: int | None = None
@@ -54,7 +57,7 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     position_offset: int = 0  # OPT-style learned-position offset (kept for future families)
     type_vocab_size: int = 0  # BERT token types; 0 means none
-    # T5 relative buckets fit here when that family lands
+    # position="relative" (T5): a learned per-head bias over log-spaced distance buckets
     relative_num_buckets: int = 32
     relative_max_distance: int = 128
     # block layout
@@ -64,12 +67,16 @@ class ModelConfig:
     parallel_residual: bool = False  # GPT-NeoX/GPT-J: x + attn(ln1 x) + mlp(ln2 x)
     embed_norm: bool = False  # BERT normalises the summed embeddings
     final_norm: bool = True
+    # encoder-decoder (T5): an encoder stack, then a decoder stack whose blocks add cross-attention
+    encoder_decoder: bool = False
+    num_decoder_layers: int | None = None  # None: num_layers
     # MLP
     activation: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"
     gated_mlp: bool = True  # SwiGLU-style gate_proj * up_proj
     mlp_bias: bool = False
     # embeddings / head
     tie_word_embeddings: bool = False
+    scale_lm_head_input: bool = False  # original T5: final hidden states × hidden_size**-0.5 before lm_head
     task: Task = "causal-lm"
     labels: tuple[str, ...] = ()  # class names for classification heads
     classifier_pooler: Literal["cls_dense_tanh", "cls_dense_relu", "cls", "last", "mean"] = "cls_dense_tanh"
@@ -82,6 +89,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    decoder_start_token_id: int | None = None  # encoder-decoder: the decoder's first input token
     # provenance
     family: str = "llama"
     name: str = ""
@@ -103,6 +111,9 @@ class ModelConfig:
             raise ValueError(f"rotary_fraction={self.rotary_fraction} must be in (0, 1]")
         if self.task in ("sequence-classification", "token-classification") and not self.labels:
             raise ValueError(f"task={self.task!r} needs labels (the class names)")
+        _check_encoder_decoder(self)
+        if self.position == "relative":
+            _check_relative(self)
 
     # derived sizes -----------------------------------------------------------------------------
     @property
@@ -116,6 +127,11 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.dim_per_head * self.rotary_fraction)
+
+    @property
+    def decoder_layers(self) -> int:
+        """Layers of the decoder stack (encoder-decoder models); num_layers otherwise."""
+        return self.num_decoder_layers or self.num_layers
 
     @property
     def num_labels(self) -> int:
@@ -151,6 +167,26 @@ def _check_positive(cfg: ModelConfig, names: tuple[str, ...]) -> None:
             raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
 
 
+def _check_encoder_decoder(cfg: ModelConfig) -> None:
+    if cfg.encoder_decoder and cfg.task not in SEQ2SEQ_TASKS:
+        raise ValueError(f"an encoder-decoder model supports task {SEQ2SEQ_TASKS}, got task={cfg.task!r}")
+    if cfg.task == "seq2seq-lm" and not cfg.encoder_decoder:
+        raise ValueError("task='seq2seq-lm' needs encoder_decoder=True")
+    layers = cfg.num_decoder_layers
+    if layers is not None and (not isinstance(layers, int) or layers <= 0):
+        raise ValueError(f"ModelConfig.num_decoder_layers must be a positive integer or None, got {layers!r}")
+
+
+def _check_relative(cfg: ModelConfig) -> None:
+    # Half the buckets (a quarter when bidirectional) are exact distances; the log-spaced rest need
+    # max_distance beyond them, or the bucket formula divides by log(<= 1).
+    if cfg.relative_num_buckets < 4:
+        raise ValueError(f"ModelConfig.relative_num_buckets={cfg.relative_num_buckets} must be >= 4")
+    if cfg.relative_max_distance <= cfg.relative_num_buckets // 2:
+        raise ValueError(f"ModelConfig.relative_max_distance={cfg.relative_max_distance} must exceed "
+                         f"relative_num_buckets // 2 = {cfg.relative_num_buckets // 2}")
+
+
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"ModelConfig.{name}={value!r} is not one of {allowed}")
@@ -174,5 +210,11 @@ PRESETS: dict[str, ModelConfig] = {
         norm="layernorm", norm_eps=1e-12, norm_position="post", embed_norm=True, final_norm=False,
         activation="gelu", gated_mlp=False, attn_qkv_bias=True, attn_out_bias=True, mlp_bias=True,
         tie_word_embeddings=True, task="masked-lm", family="bert", name="tiny-bert",
+    ),
+    "tiny-t5": ModelConfig(
+        vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, head_dim=16, intermediate_size=128,
+        max_position_embeddings=256, position="relative", attention_scale=1.0, encoder_decoder=True,
+        activation="gelu_tanh", gated_mlp=True, task="seq2seq-lm", pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0, family="t5", name="tiny-t5",
     ),
 }

@@ -4,11 +4,14 @@ A family is data. Its weight map pairs our module names with the checkpoint's mo
 pair says how the tensors move: `copy` (same layout), `conv1d` (GPT-2 stores Linear weights
 transposed), `qkv_concat_conv1d` (GPT-2's fused c_attn) or `qkv_per_head` (GPT-NeoX's fused
 query_key_value, interleaved per head). Names use `{i}` for the layer index.
+
+Decoder-only and encoder-only families have one stack of layers (`layer_prefix` + `layer_map`);
+encoder-decoder families (T5) list their stacks as `StackMap`s instead.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .config import ModelConfig, RopeScaling
 
@@ -19,8 +22,28 @@ TASK_SUFFIX = {
     "masked-lm": "ForMaskedLM",
     "sequence-classification": "ForSequenceClassification",
     "token-classification": "ForTokenClassification",
+    "seq2seq-lm": "ForConditionalGeneration",
     "base": "Model",
 }
+
+
+@dataclass(frozen=True)
+class StackMap:
+    """One stack of identical layers: our and their per-layer prefixes and the per-layer module map.
+
+    Entries for modules a layer does not have are skipped (T5 keeps its relative-position table in
+    layer 0 only). The MLP part follows `config.gated_mlp`, because T5 v1.1 renames `wi` to `wi_0|wi_1`.
+    """
+
+    ours: str  # "encoder.layers.{i}."
+    theirs: str  # "encoder.block.{i}.", relative to the backbone
+    layer_map: ModuleMap
+    decoder: bool = False  # counts config.decoder_layers instead of config.num_layers
+    gated_mlp_map: ModuleMap = ()
+    plain_mlp_map: ModuleMap = ()
+
+    def pairs(self, config: ModelConfig) -> ModuleMap:
+        return self.layer_map + (self.gated_mlp_map if config.gated_mlp else self.plain_mlp_map)
 
 
 @dataclass(frozen=True)
@@ -36,6 +59,7 @@ class Family:
     config_from_hf: Callable[[dict], dict] = lambda d: {}
     config_to_hf: Callable[[ModelConfig], dict] = lambda c: {}
     base_prefix_aliases: tuple[str, ...] = ()  # other names used by some checkpoints
+    stacks: tuple[StackMap, ...] = ()  # encoder-decoder families; empty: one stack from layer_prefix/layer_map
 
     def architecture(self, task: str) -> str:
         return self.arch_prefix + TASK_SUFFIX[task]
@@ -44,9 +68,11 @@ class Family:
         """Concrete (our module, checkpoint module, kind) triples for this config and task."""
         prefix = self.base_prefix if base_prefix is None else base_prefix
         pairs = [(ours, prefix + theirs, kind) for ours, theirs, kind in self.backbone_map]
-        for i in range(config.num_layers):
-            theirs_layer = prefix + self.layer_prefix.format(i=i)
-            pairs += [(_prefixed(f"layers.{i}.", o), theirs_layer + t, k) for o, t, k in self.layer_map]
+        for stack in self.stacks or (StackMap("layers.{i}.", self.layer_prefix, self.layer_map),):
+            layer_pairs = stack.pairs(config)
+            for i in range(config.decoder_layers if stack.decoder else config.num_layers):
+                ours_layer, theirs_layer = stack.ours.format(i=i), prefix + stack.theirs.format(i=i)
+                pairs += [(_prefixed(ours_layer, o), theirs_layer + t, k) for o, t, k in layer_pairs]
         pairs += list(self.head_maps.get(config.task, ()))
         return pairs
 
@@ -382,6 +408,87 @@ DISTILBERT = Family(
     config_from_hf=_distilbert_from_hf, config_to_hf=_distilbert_to_hf,
 )
 
+# --- T5 (original and v1.1 / flan-t5) ---------------------------------------------------------------------
+def _t5_from_hf(d: dict) -> dict:
+    arch = (d.get("architectures") or [None])[0]
+    if arch not in (None, "T5ForConditionalGeneration", "T5Model"):
+        raise ValueError(f"unsupported T5 architecture {arch!r} (supported: T5ForConditionalGeneration, T5Model)")
+    proj = d.get("feed_forward_proj", "relu")
+    # transformers reads "gated-gelu" as the tanh approximation (gelu_new), for backward compatibility.
+    act = "gelu_new" if proj == "gated-gelu" else proj.removeprefix("gated-")
+    # v1.1 / flan-t5 untie the LM head and drop original T5's hidden_size**-0.5 rescaling together;
+    # transformers 5 writes the rescaling flag itself (and tie_word_embeddings=True whatever the head).
+    scaled = d.get("scale_decoder_outputs", d.get("tie_word_embeddings", True) is not False)
+    layers, dropout, eos = d.get("num_layers", 6), d.get("dropout_rate", 0.1), d.get("eos_token_id", 1)
+    return {
+        "vocab_size": d.get("vocab_size", 32128), "hidden_size": d.get("d_model", 512), "num_layers": layers,
+        "num_decoder_layers": d.get("num_decoder_layers") or layers, "num_heads": d.get("num_heads", 8),
+        "head_dim": d.get("d_kv", 64), "intermediate_size": d.get("d_ff", 2048),
+        "max_position_embeddings": d.get("n_positions", 512), "position": "relative", "attention_scale": 1.0,
+        "relative_num_buckets": d.get("relative_attention_num_buckets", 32),
+        "relative_max_distance": d.get("relative_attention_max_distance", 128), "norm": "rmsnorm",
+        "norm_eps": d.get("layer_norm_epsilon", 1e-6), "activation": _activation(act),
+        "gated_mlp": proj.startswith("gated-"), "encoder_decoder": True, "tie_word_embeddings": scaled,
+        "scale_lm_head_input": scaled, "hidden_dropout": dropout, "attention_dropout": dropout,
+        "pad_token_id": d.get("pad_token_id", 0), "eos_token_id": _tokens({"eos_token_id": eos})["eos_token_id"],
+        "decoder_start_token_id": d.get("decoder_start_token_id", d.get("pad_token_id", 0)),
+    }
+
+
+_T5_LAYOUT = {"position": "relative", "attention_scale": 1.0, "norm": "rmsnorm", "norm_position": "pre",
+              "encoder_decoder": True, "attn_qkv_bias": False, "attn_out_bias": False, "mlp_bias": False,
+              "parallel_residual": False, "final_norm": True}
+
+
+def _t5_to_hf(c: ModelConfig) -> dict:
+    wrong = {k: getattr(c, k) for k, v in _T5_LAYOUT.items() if getattr(c, k) != v}
+    if wrong:
+        raise ValueError(f"a T5 checkpoint cannot hold this model: {wrong} (T5 needs {_T5_LAYOUT})")
+    if c.gated_mlp and c.activation == "gelu":
+        raise ValueError("T5 checkpoints cannot express a gated exact-GELU MLP ('gated-gelu' means gelu_tanh)")
+    act = _ACT_TO_HF[c.activation]
+    proj = ("gated-gelu" if c.activation == "gelu_tanh" else f"gated-{act}") if c.gated_mlp else act
+    return {
+        "vocab_size": c.vocab_size, "d_model": c.hidden_size, "d_kv": c.dim_per_head, "d_ff": c.intermediate_size,
+        "num_layers": c.num_layers, "num_decoder_layers": c.decoder_layers, "num_heads": c.num_heads,
+        "relative_attention_num_buckets": c.relative_num_buckets,
+        "relative_attention_max_distance": c.relative_max_distance, "dropout_rate": c.hidden_dropout,
+        "layer_norm_epsilon": c.norm_eps, "feed_forward_proj": proj, "is_encoder_decoder": True,
+        "tie_word_embeddings": c.tie_word_embeddings, "scale_decoder_outputs": c.scale_lm_head_input,
+        "n_positions": c.max_position_embeddings, "decoder_start_token_id": c.decoder_start_token_id,
+        "pad_token_id": c.pad_token_id, "eos_token_id": c.eos_token_id,
+    }
+
+
+def _t5_attention(sublayer: str, ours: str, theirs: str) -> ModuleMap:
+    return tuple((f"{ours}.{p}_proj", f"{sublayer}.{theirs}.{p}", "copy") for p in "qkvo")
+
+
+def _t5_stack(stack: str, mlp_sublayer: int, cross: bool) -> StackMap:
+    ff = f"layer.{mlp_sublayer}"
+    self_attn = (("attn_norm", "layer.0.layer_norm", "copy"), *_t5_attention("layer.0", "attn", "SelfAttention"),
+                 ("attn.relative_bias", "layer.0.SelfAttention.relative_attention_bias", "copy"))  # layer 0 only
+    cross_attn = (("cross_attn_norm", "layer.1.layer_norm", "copy"),
+                  *_t5_attention("layer.1", "cross_attn", "EncDecAttention")) if cross else ()
+    return StackMap(
+        ours=f"{stack}.layers.{{i}}.", theirs=f"{stack}.block.{{i}}.", decoder=cross,
+        layer_map=(*self_attn, *cross_attn, ("mlp_norm", f"{ff}.layer_norm", "copy"),
+                   ("mlp.down_proj", f"{ff}.DenseReluDense.wo", "copy")),
+        gated_mlp_map=(("mlp.gate_proj", f"{ff}.DenseReluDense.wi_0", "copy"),
+                       ("mlp.up_proj", f"{ff}.DenseReluDense.wi_1", "copy")),
+        plain_mlp_map=(("mlp.up_proj", f"{ff}.DenseReluDense.wi", "copy"),),
+    )
+
+
+T5 = Family(
+    name="t5", model_types=("t5",), arch_prefix="T5", base_prefix="", layer_prefix="", layer_map=(),
+    backbone_map=(("embed.tokens", "shared", "copy"), ("encoder.norm", "encoder.final_layer_norm", "copy"),
+                  ("decoder.norm", "decoder.final_layer_norm", "copy")),
+    stacks=(_t5_stack("encoder", 1, cross=False), _t5_stack("decoder", 2, cross=True)),
+    head_maps={"seq2seq-lm": (("lm_head", "lm_head", "copy"),)},
+    config_from_hf=_t5_from_hf, config_to_hf=_t5_to_hf,
+)
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -392,6 +499,7 @@ FAMILIES: dict[str, Family] = {
         GPT_NEOX,
         BERT,
         DISTILBERT,
+        T5,
     )
 }
 # GPT-2's causal-LM class predates the *ForCausalLM naming.

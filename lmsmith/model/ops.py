@@ -1,4 +1,4 @@
-"""Pure tensor functions the layers are made of: norms, RoPE, masks, attention."""
+"""Pure tensor functions the layers are made of: norms, RoPE, relative position buckets, masks, attention."""
 from __future__ import annotations
 
 import math
@@ -98,6 +98,55 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
 
 
+# --- relative position buckets (T5) ----------------------------------------------------------------------
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """Map key_position - query_position to a bucket in [0, num_buckets), as T5 (Mesh TensorFlow) does.
+
+    Bidirectional (encoder): half the buckets for keys after the query, half for keys before it.
+    Unidirectional (decoder): keys after the query all share bucket 0 (they are masked anyway).
+    Within a direction, the first half of the buckets are exact distances and the rest are
+    log-spaced up to `max_distance`; farther keys share the last bucket.
+    """
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    # Same float32 op order as the reference, so a distance on a bucket edge lands in the same bucket.
+    # Clamped so log never sees 0; the exact branch answers for those distances anyway.
+    scaled = torch.log(distance.clamp(min=max_exact).float() / max_exact) / math.log(max_distance / max_exact)
+    far = (max_exact + (scaled * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, far)
+
+
+def relative_position_bias(
+    table: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    bidirectional: bool,
+    max_distance: int,
+) -> torch.Tensor:
+    """Per-head additive attention scores (1, H, T, S) from a (num_buckets, H) bias table."""
+    relative = key_positions.view(1, -1) - query_positions.view(-1, 1)  # (T, S)
+    buckets = relative_position_bucket(relative, bidirectional, table.shape[0], max_distance)
+    return F.embedding(buckets, table).permute(2, 0, 1).unsqueeze(0)
+
+
+def add_score_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """Fold a boolean mask (True = may attend) into an additive float bias for SDPA.
+
+    The mask must leave every row at least one key (`let_empty_rows_attend`), or that row is NaN.
+    """
+    if mask is None:
+        return bias
+    return bias.masked_fill(~mask, float("-inf"))
+
+
 # --- masks -------------------------------------------------------------------------------------------
 def attention_mask_4d(
     query_positions: torch.Tensor,
@@ -139,14 +188,16 @@ def attention(
     mask: torch.Tensor | None,
     is_causal: bool,
     dropout: float = 0.0,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """SDPA over (B, H, T, D) queries and (B, Hkv, S, D) keys/values (grouped-query aware).
 
-    `mask` must give every query at least one key (see `let_empty_rows_attend`), or its row is NaN.
+    `mask` is boolean (True = may attend) or an additive float bias; it must give every query at
+    least one key (see `let_empty_rows_attend`), or its row is NaN. `scale` None: 1/sqrt(D).
     """
     # enable_gqa lets SDPA share each KV head across its query group without copying K/V.
     kwargs = {"attn_mask": mask, "dropout_p": dropout, "is_causal": is_causal and mask is None,
-              "enable_gqa": k.shape[1] != q.shape[1]}
+              "enable_gqa": k.shape[1] != q.shape[1], "scale": scale}
     if q.is_cuda:
         # cuDNN attention (SDPA's first choice for bf16 on Hopper) builds a graph per new key length:
         # measured 1.3 ms of CPU per call on an H200, which made bf16 decoding 4x slower than fp32.
@@ -155,14 +206,18 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool):
-    """Explicit softmax(QK^T/sqrt(d)) for interpretability: (B, H, T, S)."""
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                      scale: float | None = None):
+    """Explicit softmax(QK^T * scale + bias) for interpretability: (B, H, T, S); scale None: 1/sqrt(d)."""
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = q @ k.transpose(-1, -2)
+    scores = scores / math.sqrt(q.shape[-1]) if scale is None else scores * scale
     if mask is None and is_causal:
         T, S = q.shape[-2], k.shape[-2]
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    if mask is not None:
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores + mask
+    elif mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.float().softmax(-1).to(q.dtype)

@@ -1,39 +1,69 @@
-"""The one generic Transformer: every family is a ModelConfig, never a new forward pass."""
+"""The one generic Transformer: every family is a ModelConfig, never a new forward pass.
+
+Decoder-only and encoder-only models are embeddings → `layers` → `norm` → head. Encoder-decoder
+models (T5) compose two stacks of the same Block: `encoder` (bidirectional) and `decoder` (causal,
+each block adding cross-attention over the encoder output), sharing the token embeddings and head.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, AttentionInputs, KVCache
 from .config import ModelConfig
 from .heads import MaskedLMHead, SequenceClassifier, TokenClassifier
 from .layers import MLP, Embeddings, make_norm
-from .ops import attention_mask_4d, let_empty_rows_attend, rope_attention_factor, rope_cos_sin, rope_inv_freq
+from .ops import (
+    add_score_bias,
+    attention_mask_4d,
+    let_empty_rows_attend,
+    relative_position_bias,
+    rope_attention_factor,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+
+LM_TASKS = ("causal-lm", "seq2seq-lm")  # tasks whose head is `lm_head`
 
 
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None  # task output; None for task="base"
-    hidden_states: torch.Tensor  # final hidden states (B, T, H)
-    all_hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings + every layer
-    attentions: tuple[torch.Tensor, ...] | None = None  # per layer (B, H, T, S)
+    hidden_states: torch.Tensor  # final hidden states (B, T, H); encoder-decoder: the decoder's
+    all_hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings + every layer (enc-dec: encoder's)
+    attentions: tuple[torch.Tensor, ...] | None = None  # per layer (B, H, T, S) (enc-dec: encoder self-attention)
+    # encoder-decoder only
+    encoder_hidden_states: torch.Tensor | None = None  # the encoder output (B, S_enc, H) this call attended to
+    decoder_all_hidden_states: tuple[torch.Tensor, ...] | None = None  # decoder embeddings + every decoder layer
+    decoder_attentions: tuple[torch.Tensor, ...] | None = None  # per decoder layer (B, H, T, S_dec)
+    cross_attentions: tuple[torch.Tensor, ...] | None = None  # per decoder layer (B, H, T, S_enc)
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    """Self-attention (+ cross-attention over encoder states in a decoder stack) + MLP, with residuals."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, cross_attention: bool = False):
         super().__init__()
         self.attn_norm = make_norm(config)
-        self.attn = Attention(config, layer_idx)
+        self.attn = Attention(config, layer_idx, relative_bias=config.position == "relative" and layer_idx == 0)
+        if cross_attention:
+            self.cross_attn_norm = make_norm(config)
+            self.cross_attn = Attention(config, layer_idx)
+        else:
+            self.cross_attn = None
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.post_norm = config.norm_position == "post"
         self.parallel = config.parallel_residual
 
-    def forward(self, x: torch.Tensor, inp: AttentionInputs):
+    def forward(self, x: torch.Tensor, inp: AttentionInputs, cross: AttentionInputs | None = None):
+        """→ (output, self-attention weights), plus cross-attention weights when `cross` is given."""
+        if cross is not None:
+            return self._forward_with_cross(x, inp, cross)
         if self.post_norm:  # BERT: normalise after each residual sum
             a, w = self.attn(x, inp)
             h = self.attn_norm(x + self.dropout(a))
@@ -44,6 +74,47 @@ class Block(nn.Module):
         h = x + self.dropout(a)
         return h + self.dropout(self.mlp(self.mlp_norm(h))), w
 
+    def _forward_with_cross(self, x: torch.Tensor, inp: AttentionInputs, cross: AttentionInputs):
+        # Pre-norm sublayers in T5's order: self-attention, cross-attention, MLP.
+        a, w = self.attn(self.attn_norm(x), inp)
+        h = x + self.dropout(a)
+        c, cw = self.cross_attn(self.cross_attn_norm(h), cross)
+        h = h + self.dropout(c)
+        return h + self.dropout(self.mlp(self.mlp_norm(h))), w, cw
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, inp: AttentionInputs, cross: AttentionInputs | None = None,
+               checkpointing: bool = False):
+    """Run the blocks in order → (x, hidden states [input + every block], weights, cross weights)."""
+    hidden, weights, cross_weights = [x], [], []
+    args = () if cross is None else (cross,)
+    for block in blocks:
+        out = checkpoint(block, x, inp, *args, use_reentrant=False) if checkpointing else block(x, inp, *args)
+        x = out[0]
+        hidden.append(x)
+        weights.append(out[1])
+        if cross is not None:
+            cross_weights.append(out[2])
+    return x, hidden, weights, cross_weights
+
+
+class Stack(nn.Module):
+    """Blocks plus a final norm: the encoder or the decoder of an encoder-decoder model."""
+
+    def __init__(self, config: ModelConfig, num_layers: int, causal: bool, cross_attention: bool = False):
+        super().__init__()
+        self.causal = causal
+        self.layers = nn.ModuleList(Block(config, i, cross_attention) for i in range(num_layers))
+        self.norm = make_norm(config) if config.final_norm else None
+
+    def forward(self, x: torch.Tensor, inp: AttentionInputs, cross: AttentionInputs | None = None,
+                checkpointing: bool = False):
+        x, hidden, weights, cross_weights = run_blocks(self.layers, x, inp, cross, checkpointing)
+        if self.norm is not None:
+            x = self.norm(x)
+            hidden[-1] = x
+        return x, hidden, weights, cross_weights
+
 
 class Transformer(nn.Module):
     """Embeddings → blocks → final norm → the task head named by `config.task`."""
@@ -51,12 +122,15 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        _check_supported_layout(config)
         self.embed = Embeddings(config)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.norm = make_norm(config) if config.final_norm else None
+        if config.encoder_decoder:
+            self.encoder = Stack(config, config.num_layers, causal=False)
+            self.decoder = Stack(config, config.decoder_layers, causal=config.causal, cross_attention=True)
+        else:
+            self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+            self.norm = make_norm(config) if config.final_norm else None
         self._build_head(config)
-        if config.position == "relative":
-            raise NotImplementedError("relative position buckets (T5) are not implemented yet")
         if config.position == "rope":
             self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
         self.activation_checkpointing = False
@@ -84,7 +158,7 @@ class Transformer(nn.Module):
 
     def _build_head(self, config: ModelConfig) -> None:
         h = config.hidden_size
-        if config.task == "causal-lm":
+        if config.task in LM_TASKS:
             self.lm_head = nn.Linear(h, config.vocab_size, bias=False)
         elif config.task == "masked-lm":
             self.mlm_head = MaskedLMHead(config)
@@ -96,7 +170,7 @@ class Transformer(nn.Module):
     def tie_weights(self) -> None:
         if not self.config.tie_word_embeddings:
             return
-        if self.config.task == "causal-lm":
+        if self.config.task in LM_TASKS:
             self.lm_head.weight = self.embed.tokens.weight
         elif self.config.task == "masked-lm":
             self.mlm_head.decoder.weight = self.embed.tokens.weight
@@ -113,7 +187,7 @@ class Transformer(nn.Module):
     # --- forward ---------------------------------------------------------------------------------------
     def forward(
         self,
-        input_ids: torch.Tensor,  # (B, T)
+        input_ids: torch.Tensor | None = None,  # (B, T); encoder-decoder: the encoder input (B, S_enc)
         attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, over cached + new keys
         position_ids: torch.Tensor | None = None,  # (B, T)
         token_type_ids: torch.Tensor | None = None,
@@ -122,7 +196,21 @@ class Transformer(nn.Module):
         logits_to_keep: int = 0,  # >0: only the last n positions get logits (saves the vocab matmul)
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        # encoder-decoder only (see `_forward_seq2seq`)
+        decoder_input_ids: torch.Tensor | None = None,  # (B, T_dec)
+        decoder_attention_mask: torch.Tensor | None = None,  # (B, S_dec) over cached + new decoder tokens
+        encoder_hidden_states: torch.Tensor | None = None,  # (B, S_enc, H) from `encode`, instead of input_ids
     ) -> ModelOutput:
+        if self.config.encoder_decoder:
+            if prefix is not None or position_ids is not None or token_type_ids is not None:
+                raise ValueError("an encoder-decoder model takes no prefix, position_ids or token_type_ids "
+                                 "(positions enter as relative biases)")
+            return self._forward_seq2seq(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                                         encoder_hidden_states, cache, logits_to_keep, output_hidden_states,
+                                         output_attentions)
+        if input_ids is None or decoder_input_ids is not None or encoder_hidden_states is not None:
+            raise ValueError(f"a {self.config.family} {self.config.task} model needs input_ids; decoder_input_ids "
+                             "and encoder_hidden_states are for encoder-decoder models")
         B, T = input_ids.shape
         past = getattr(cache, "length", 0) if cache is not None else 0
         if past + T > self.config.max_position_embeddings:
@@ -137,14 +225,7 @@ class Transformer(nn.Module):
             prefix = encoder.key_values(B, self.dtype)
         inp = self._attention_inputs(position_ids, attention_mask, past, T, cache, prefix, output_attentions)
         x = self.embed(input_ids, position_ids, token_type_ids)
-        hidden, weights = [x], []
-        for block in self.layers:
-            if self.activation_checkpointing and self.training:
-                x, w = checkpoint(block, x, inp, use_reentrant=False)
-            else:
-                x, w = block(x, inp)
-            hidden.append(x)
-            weights.append(w)
+        x, hidden, weights, _ = run_blocks(self.layers, x, inp, None, self._checkpointing)
         if cache is not None and hasattr(cache, "advance"):
             cache.advance(T)
         if self.norm is not None:
@@ -180,10 +261,104 @@ class Transformer(nn.Module):
         is_causal = cfg.causal and past == 0
         return AttentionInputs(cos, sin, mask, is_causal, cache, prefix, need_weights)
 
+    @property
+    def _checkpointing(self) -> bool:
+        return self.activation_checkpointing and self.training
+
+    # --- encoder-decoder ---------------------------------------------------------------------------------
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               output_hidden_states: bool = False, output_attentions: bool = False) -> ModelOutput:
+        """Run the encoder stack of an encoder-decoder model; `hidden_states` is its output (B, S, H)."""
+        if not self.config.encoder_decoder:
+            raise ValueError(f"encode() is for encoder-decoder models; this {self.config.family} model has none")
+        B, T = input_ids.shape
+        self._check_length("encoder input", T)
+        inp = self._stack_inputs(self.encoder, input_ids.device, T, 0, attention_mask, None, output_attentions)
+        x = self.embed(input_ids, torch.arange(T, device=input_ids.device).expand(B, T))
+        x, hidden, weights, _ = self.encoder(x, inp, None, self._checkpointing)
+        return ModelOutput(None, x, tuple(hidden) if output_hidden_states else None,
+                           tuple(weights) if output_attentions else None)
+
+    def _forward_seq2seq(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                         encoder_hidden_states, cache, logits_to_keep, output_hidden_states, output_attentions):
+        """Encode (unless the cache or `encoder_hidden_states` already hold it), then decode.
+
+        With an `EncoderDecoderCache`, the first call encodes `input_ids` and stores the cross-attention
+        keys/values; later calls pass only the new `decoder_input_ids`.
+        """
+        if decoder_input_ids is None:
+            raise ValueError("an encoder-decoder model needs decoder_input_ids (generation starts them with "
+                             f"decoder_start_token_id={self.config.decoder_start_token_id})")
+        encoded, memory_kv, memory_mask = self._memory(input_ids, attention_mask, encoder_hidden_states, cache,
+                                                       output_hidden_states, output_attentions)
+        B, T = decoder_input_ids.shape
+        past = getattr(cache, "length", 0) if cache is not None else 0
+        self._check_length("decoder sequence", past + T)
+        device = decoder_input_ids.device
+        inp = self._stack_inputs(self.decoder, device, T, past, decoder_attention_mask, cache, output_attentions)
+        cross = AttentionInputs(None, None, memory_mask, False, need_weights=output_attentions, memory_kv=memory_kv)
+        x = self.embed(decoder_input_ids, torch.arange(past, past + T, device=device).expand(B, T))
+        x, hidden, weights, cross_weights = self.decoder(x, inp, cross, self._checkpointing)
+        if cache is not None and hasattr(cache, "advance"):
+            cache.advance(T)
+        return ModelOutput(
+            logits=self._head(x, decoder_attention_mask, logits_to_keep), hidden_states=x,
+            all_hidden_states=encoded.all_hidden_states if encoded else None,
+            attentions=encoded.attentions if encoded else None,
+            encoder_hidden_states=encoded.hidden_states if encoded else encoder_hidden_states,
+            decoder_all_hidden_states=tuple(hidden) if output_hidden_states else None,
+            decoder_attentions=tuple(weights) if output_attentions else None,
+            cross_attentions=tuple(cross_weights) if output_attentions else None,
+        )
+
+    def _memory(self, input_ids, attention_mask, encoder_hidden_states, cache, output_hidden_states,
+                output_attentions):
+        """→ (this call's encoder output or None, per-layer cross-attention (k, v), encoder padding mask)."""
+        if getattr(cache, "memory_kv", None) is not None:
+            if input_ids is not None or encoder_hidden_states is not None:
+                raise ValueError("the cache already holds an encoded input: later steps pass only "
+                                 "decoder_input_ids (start a new cache for a new input)")
+            return None, cache.memory_kv, cache.memory_mask
+        encoded = None
+        if encoder_hidden_states is None:
+            if input_ids is None:
+                raise ValueError("an encoder-decoder model needs input_ids (or encoder_hidden_states) to attend to")
+            encoded = self.encode(input_ids, attention_mask, output_hidden_states, output_attentions)
+            encoder_hidden_states = encoded.hidden_states
+        memory_kv = [block.cross_attn.project_memory(encoder_hidden_states) for block in self.decoder.layers]
+        mask = None if attention_mask is None else let_empty_rows_attend(attention_mask[:, None, None, :].bool())
+        if cache is not None and hasattr(cache, "memory_kv"):
+            cache.memory_kv, cache.memory_mask = memory_kv, mask
+        return encoded, memory_kv, mask
+
+    def _stack_inputs(self, stack: Stack, device, T: int, past: int, key_padding, cache, need_weights):
+        """Mask (+ T5's relative position bias, shared by every layer of the stack) for T new queries."""
+        queries = torch.arange(past, past + T, device=device)
+        mask = None
+        if (stack.causal and T > 1) or key_padding is not None:
+            mask = attention_mask_4d(queries.view(1, T), key_padding, past + T, stack.causal)
+            mask = let_empty_rows_attend(mask)
+        table = stack.layers[0].attn.relative_bias
+        if table is not None:
+            keys = torch.arange(past + T, device=device)
+            bias = relative_position_bias(table.weight, queries, keys, not stack.causal,
+                                          self.config.relative_max_distance)
+            mask = add_score_bias(mask, bias)
+        return AttentionInputs(None, None, mask, False, cache, None, need_weights)
+
+    def _check_length(self, what: str, num_tokens: int) -> None:
+        if num_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"{what} of {num_tokens} tokens exceeds the context window of "
+                             f"{self.config.max_position_embeddings} tokens")
+
     def _head(self, x: torch.Tensor, attention_mask, logits_to_keep: int) -> torch.Tensor | None:
         task = self.config.task
         if task == "causal-lm":
             return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        if task == "seq2seq-lm":
+            x = x[:, -logits_to_keep:] if logits_to_keep else x
+            # Original T5 ties lm_head to the embeddings and rescales its input by hidden_size**-0.5.
+            return self.lm_head(x * self.config.hidden_size ** -0.5 if self.config.scale_lm_head_input else x)
         if task == "masked-lm":
             return self.mlm_head(x)
         if task in ("sequence-classification", "token-classification"):
@@ -209,6 +384,14 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         """The compute dtype: that of the first floating-point parameter (float32 if none)."""
         return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _check_supported_layout(config: ModelConfig) -> None:
+    if config.position == "relative" and not config.encoder_decoder:
+        raise NotImplementedError("relative position buckets are implemented for encoder-decoder models (T5) only")
+    if config.encoder_decoder and config.position == "rope":
+        raise NotImplementedError("encoder-decoder models support position 'relative', 'learned' or 'none', "
+                                  "not 'rope'")
 
 
 def _prepend_visible(mask, num_prefix: int, B: int, T: int, num_keys: int) -> torch.Tensor:
