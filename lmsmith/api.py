@@ -196,4 +196,5 @@ def info(name_or_path: str | None = None) -> dict:
         "size_in_memory_bytes": memory, "dtype": str(model.dtype).removeprefix("torch."),
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),
         "quantization": getattr(getattr(model, "quantization_config", None), "method", None),
+        **({"decoder_layers": c.decoder_layers} if c.encoder_decoder else {}),  # layers: the encoder's
     }

@@ -156,6 +156,9 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, pack_weights: bool = True) -> None:
         config: ModelConfig = model.config
+        if config.encoder_decoder:
+            raise ValueError(f"{config.family} is an encoder-decoder model: the serving engine runs decoder-only "
+                             "causal LMs (use `lmsmith generate` or lmsmith.generation for T5)")
         if config.task != "causal-lm" or not config.causal:
             raise ValueError(f"serving needs a causal LM, got task={config.task!r} causal={config.causal}")
         self.model = model.eval()  # dropout off: serving must be deterministic

@@ -50,7 +50,15 @@ def test_api_load_and_info_report_the_family(tmp_path):
     assert model.config.family == "t5" and tokenizer is None
     info = api.info(str(path))
     assert (info["family"], info["task"], info["layers"], info["context_length"]) == ("t5", "seq2seq-lm", 2, 256)
+    assert info["decoder_layers"] == 3
     assert info["parameters"] == model.num_parameters()
+
+
+def test_serving_an_encoder_decoder_model_is_refused_with_the_reason():
+    from lmsmith.serve.runner import ModelRunner
+
+    with pytest.raises(ValueError, match="encoder-decoder model: the serving engine runs decoder-only"):
+        ModelRunner(_model(), num_blocks=4, block_size=16)
 
 
 def test_checkpoint_without_lm_head_ties_it_to_shared(tmp_path, caplog):
