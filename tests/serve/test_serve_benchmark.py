@@ -29,13 +29,26 @@ def row(engine: str, concurrency: int, tok_s: float) -> dict:
 
 def test_defaults_quick_and_explicit_values(bench):
     full = bench.parse_args([])
-    assert (full.concurrency, full.new_tokens, full.quantize) == ([1, 8, 32], 128, ["w8a8", "int4"])
+    assert (full.concurrency, full.new_tokens, full.quantize) == ([1, 8, 32], 128, ["int8", "w8a8-smooth", "int4"])
     quick = bench.parse_args(["--quick"])
     assert (quick.concurrency, quick.new_tokens, quick.priority_load_tokens) == ([1, 4], 16, 16)
     assert bench.parse_args(["--quick", "--concurrency", "2", "--new-tokens", "8"]).concurrency == [2]
     assert bench.parse_args(["--quantize"]).quantize == []
     with pytest.raises(SystemExit):
         bench.parse_args(["--quantize", "fp8"])
+
+
+def test_the_smoothed_variant_serves_the_recipe_s_last_artifact_or_is_skipped(bench, tmp_path):
+    assert bench.smoothed_artifact(str(tmp_path / "absent")) is None
+    for step in ("01-smooth", "02-quantize"):
+        (tmp_path / step).mkdir()
+        (tmp_path / step / "lmsmith.json").write_text("{}")
+    (tmp_path / "03-unfinished").mkdir()  # no manifest: not an artifact
+    assert bench.smoothed_artifact(str(tmp_path)) == str(tmp_path / "02-quantize")
+    args = bench.parse_args(["--smooth-artifact", str(tmp_path / "absent")])
+    budget = bench.Budget(time.monotonic() + 600)
+    (row,) = bench.lmsmith_rows(args, budget, ["lmsmith w8a8-smooth"])
+    assert "no artifact at" in row["status"] and "lmsmith compress compress-smollm2-w8a8" in row["status"]
 
 
 def test_a_level_is_skipped_when_its_projection_does_not_fit(bench):
