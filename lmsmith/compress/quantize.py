@@ -640,6 +640,26 @@ def _w8a8_fbgemm_mm(packed: Any, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic(x.float() / row_max, packed, True) * row_max
 
 
+# Up to this many rows the CPU W8A8 layer runs the int8 weight-only kernel on its (identical) int8
+# weights with float activations: fbgemm's dynamic linear costs ~125 µs per call whatever the rows
+# (quantizing the activations, requantizing the output), which outweighs its int8 GEMM until 8-16
+# rows on SmolLM2's shapes (AVX2; per layer at 1 row: 34-75 µs native vs 127-148 µs fbgemm). Float
+# activations are also the more accurate of the two, so small batches lose nothing.
+W8A8_NATIVE_MAX_ROWS = 8
+
+
+def _pack_w8a8_cpu(module: DynamicInt8Linear, device: torch.device) -> tuple:
+    small = _pack_int8_native(module, device) if native.native_int8_available() else None
+    return _pack_w8a8_fbgemm(module, device), small
+
+
+def _w8a8_cpu_mm(state: tuple, x: torch.Tensor) -> torch.Tensor:
+    packed, small = state
+    if small is not None and x.shape[0] <= W8A8_NATIVE_MAX_ROWS:
+        return _int8_native_mm(small, x)
+    return _w8a8_fbgemm_mm(packed, x)
+
+
 def _pack_w8a8_int_mm(module: DynamicInt8Linear, device: torch.device) -> tuple:
     return module.qweight.to(device).contiguous(), module.scales.to(device, torch.float32)
 
@@ -684,8 +704,8 @@ _W8A8_KERNELS = (
         "fbgemm_linear_dynamic",
         "cpu",
         ("quantized.linear_prepack", "quantized.linear_dynamic"),
-        _pack_w8a8_fbgemm,
-        _w8a8_fbgemm_mm,
+        _pack_w8a8_cpu,
+        _w8a8_cpu_mm,
     ),
     _Kernel("int_mm", "cuda", ("aten._int_mm",), _pack_w8a8_int_mm, _w8a8_int_mm),
 )
@@ -780,11 +800,15 @@ class QuantizedLinear(nn.Module):
 
     def _kernel_agrees(self, kernel: _Kernel, state: Any, device: torch.device) -> bool:
         """Private aten ops have changed packing conventions between releases: check once per module."""
-        probe = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0)).to(device)
-        fast = kernel.matmul(state, probe).float()
-        reference = self._reference_matmul(probe.to(self._reference_dtype())).float()
-        error = (fast - reference).norm() / reference.norm().clamp(min=_MIN_SCALE)
-        return bool(error < _KERNEL_CHECK_TOLERANCE)
+        # two sizes: kernels may switch paths by the number of rows (see W8A8_NATIVE_MAX_ROWS)
+        for rows in (3, 17):
+            probe = torch.randn(rows, self.in_features, generator=torch.Generator().manual_seed(0)).to(device)
+            fast = kernel.matmul(state, probe).float()
+            reference = self._reference_matmul(probe.to(self._reference_dtype())).float()
+            error = (fast - reference).norm() / reference.norm().clamp(min=_MIN_SCALE)
+            if not error < _KERNEL_CHECK_TOLERANCE:
+                return False
+        return True
 
     def _reference_dtype(self) -> torch.dtype:
         return self.scales.dtype if self.scales.is_floating_point() else torch.float32

@@ -233,6 +233,30 @@ def test_w8a8_fast_path_matches_reference_per_token():
     assert per_row.max() < 0.06
 
 
+@pytest.mark.skipif(not qz.native.native_int8_available(), reason="native int8 kernel not built here")
+def test_w8a8_small_batches_run_the_int8_weight_only_kernel_and_large_ones_fbgemm():
+    lin = linear(128, 64)
+    w8a8, weight_only = DynamicInt8Linear.from_linear(lin), Int8WeightOnlyLinear.from_linear(lin)
+    assert torch.equal(w8a8.qweight, weight_only.qweight)  # one storage format: the same int8 weights
+    small = torch.randn(qz.W8A8_NATIVE_MAX_ROWS, 128)
+    large = torch.randn(qz.W8A8_NATIVE_MAX_ROWS + 1, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(w8a8(small), weight_only(small))  # float activations: exact same path
+        assert not torch.allclose(w8a8(large), weight_only(large), atol=1e-5)  # int8 activations
+    check_fast_matches_reference(w8a8, large, tolerance=0.05)
+
+
+def test_a_kernel_broken_only_for_many_rows_is_not_used(monkeypatch):
+    def broken_when_large(state, x, f=qz._w8a8_cpu_mm):
+        y = f(state, x)
+        return y.flip(-1) if x.shape[0] > qz.W8A8_NATIVE_MAX_ROWS else y
+
+    kernels = tuple(qz._Kernel(k.name, k.device_type, k.ops, k.pack, broken_when_large) if k.device_type == "cpu"
+                    else k for k in DynamicInt8Linear.kernels)
+    monkeypatch.setattr(DynamicInt8Linear, "kernels", kernels)
+    assert DynamicInt8Linear.from_linear(linear(64, 32)).kernel_name() == "reference"
+
+
 def test_kernel_that_disagrees_with_reference_is_not_used(monkeypatch):
     broken = [
         qz._Kernel(k.name, k.device_type, k.ops, k.pack, lambda state, x, f=k.matmul: f(state, x).flip(-1))

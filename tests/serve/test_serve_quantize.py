@@ -78,10 +78,9 @@ def test_served_with_quantize_answers_completions(method, tiny_chat_folder, int4
     body, model, tok = completion(options)
     q_proj = model.layers[0].attn.q_proj
     assert type(q_proj) is MODULE_OF[method] and model.quantization_config.method == method
-    # weight-only methods put the head (tied: the embedding too) in int8; w8a8 leaves it in float
-    head = type(model.lm_head).__name__
-    assert head == ("Linear" if method == "w8a8" else "Int8WeightOnlyLinear")
-    assert dict(model.quantization_config.module_methods).get("lm_head", method) == ("int8" if method != "w8a8" else method)
+    # every method puts the head (tied: the embedding too) in weight-only int8
+    assert type(model.lm_head).__name__ == "Int8WeightOnlyLinear"
+    assert dict(model.quantization_config.module_methods).get("lm_head", method) == "int8"
     assert model.quantization_config.clip_search == (method == "int4")
     check_answer(body, model, tok)
 
