@@ -7,8 +7,9 @@ decoding 4x slower in our measurements.)
 SmolLM2-135M-Instruct (the embedded GGUF, dequantized to fp32, is the start model): fp32; int8
 weight-only (per-channel RTN); int4 group 64 (plain RTN; and with the calibration-weighted per-group
 clip search, by RTN with the tied head in int4 or int8 and by act-order GPTQ with it in int8); W8A8
-(int8 weights, dynamic per-token int8 activations); int8 / W8A8 with the tied lm_head quantized too
-("+ head": the embedding then reads its rows from the quantized head); 50% magnitude vs 50% Wanda
+(int8 weights, dynamic per-token int8 activations), plain and after SmoothQuant; int8 / W8A8 with
+the tied lm_head quantized too ("+ head": the embedding then reads its rows from the quantized
+head); 50% magnitude vs 50% Wanda
 and 2:4 (Wanda scores) pruning of the transformer blocks; structured pruning (1/3 of the query heads
 and 25% of the FFN neurons removed, calibration importance, no retraining); and Q4_0 written as
 GGUF by lmsmith's exporter and read back (quality and file size only). Perplexity is on the
@@ -54,6 +55,7 @@ from lmsmith.compress.report import (
     plot_tradeoffs,
     quality_metrics,
 )
+from lmsmith.compress.smooth import smooth_model
 from lmsmith.compress.structured import structured_prune
 from lmsmith.io.artifact import new_manifest, save_artifact
 
@@ -100,6 +102,12 @@ def smollm2_variants() -> list[tuple[str, Apply]]:
             remove_masks(model)
         return apply
 
+    def smooth_then(alpha: float, then: Apply) -> Apply:
+        def apply(model, cal):
+            smooth_model(model, cal, alpha=alpha)
+            then(model, cal)
+        return apply
+
     def structured(model, cal):  # 9 query heads in 3 KV groups → 6; 1536 FFN neurons → 1152
         structured_prune(model, heads=1 / 3, neurons=0.25, importance="calibration", calibration=cal)
 
@@ -117,6 +125,7 @@ def smollm2_variants() -> list[tuple[str, Apply]]:
          quant("gptq-int4", group_size=64, clip_search=True, gptq_act_order=True, gptq_damp=0.1, **int8_head)),
         ("W8A8", quant("w8a8")),
         ("W8A8 + head", quant("w8a8", include_lm_head=True)),
+        ("W8A8 SmoothQuant a0.7 + int8 head", smooth_then(0.7, quant("w8a8", **int8_head))),
         ("50% magnitude", prune("magnitude", 0.5)),
         ("50% Wanda", prune("wanda", 0.5)),
         ("2:4 Wanda", prune("nm-wanda")),
