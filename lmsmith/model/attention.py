@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .layers import embedding
 from .ops import apply_rope, attention, attention_weights
 
 
@@ -49,7 +50,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.attn_out_bias)
         # T5: the (num_buckets, heads) relative-position table lives in layer 0; its stack turns it into
         # one score bias that every layer shares (see Transformer._stack_inputs).
-        self.relative_bias = nn.Embedding(config.relative_num_buckets, self.num_heads) if relative_bias else None
+        self.relative_bias = embedding(config.relative_num_buckets, self.num_heads) if relative_bias else None
         self.dropout = config.attention_dropout
         self.scale = config.attention_scale
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .config import ModelConfig
 from .ops import ACTIVATION_FNS, rms_norm
@@ -41,16 +41,22 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding left uninitialised: `Transformer` initialises every embedding itself, and on the
+    meta device (checkpoint loading) nn.Embedding's own normal_ init imports torch._dynamo (~1.4 s)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class Embeddings(nn.Module):
     """Token (+ learned position) (+ token type) embeddings, optionally normalised (BERT)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.tokens = embedding(config.vocab_size, config.hidden_size)
         learned = config.position == "learned"
-        self.positions = nn.Embedding(config.max_position_embeddings, config.hidden_size) if learned else None
+        self.positions = embedding(config.max_position_embeddings, config.hidden_size) if learned else None
         types = config.type_vocab_size
-        self.token_types = nn.Embedding(types, config.hidden_size) if types else None
+        self.token_types = embedding(types, config.hidden_size) if types else None
         self.norm = make_norm(config) if config.embed_norm else None
         self.dropout = nn.Dropout(config.hidden_dropout)
 

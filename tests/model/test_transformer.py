@@ -99,3 +99,29 @@ def test_rope_frequencies_stay_float32_when_the_weights_go_bf16():
         bf16 = model(ids, position_ids=far).logits.float()
         fp32 = model.float()(ids, position_ids=far).logits
     assert (bf16 - fp32).norm() / fp32.norm() < 0.05
+
+
+def test_building_on_the_meta_device_does_not_import_dynamo():
+    """Checkpoint loading builds the model on the meta device; nn.Embedding's own random init there
+    imported torch._dynamo, 1.4 s of every `load`. Fresh interpreter: the test process has it already."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from lmsmith.model.config import PRESETS\n"
+            "from lmsmith.model.transformer import Transformer\n"
+            "with torch.device('meta'):\n"
+            "    for name in ('tiny-llama', 'tiny-bert', 'tiny-gpt', 'tiny-t5'):\n"
+            "        Transformer(PRESETS[name])\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_random_init_still_initialises_every_embedding():
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny-t5"])
+    tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert len(tables) >= 2  # tokens and the relative-position table(s)
+    for weight in tables:
+        assert torch.isfinite(weight).all() and 0.015 < weight.std().item() < 0.025
