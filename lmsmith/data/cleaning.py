@@ -16,7 +16,7 @@ class CleaningReport:
     kept: int
     stripped: int  # records whose text or pair had surrounding whitespace removed
     empty: int  # dropped: nothing left after stripping
-    duplicates: int  # dropped: same (text, text_pair) as an earlier record; the first one is kept
+    duplicates: int  # dropped: same (text, text_pair, target) as an earlier record; the first one is kept
     conflicting_labels: int  # of the dropped duplicates, those whose label differs from the kept one
     repaired: int  # kept records whose undecodable bytes were replaced while reading
 
@@ -29,7 +29,7 @@ class CleaningReport:
 def clean(records: Iterable[TextRecord]) -> tuple[list[TextRecord], CleaningReport]:
     """Strip `text`/`text_pair`, drop records left empty, keep the first of each duplicate.
 
-    Duplicates are judged on (text, text_pair) after stripping, so a tweet labelled twice with
+    Duplicates are judged on (text, text_pair, target) after stripping, so a tweet labelled twice with
     different labels keeps its first label; `conflicting_labels` says how often that happened.
     """
     kept: list[TextRecord] = []
@@ -39,10 +39,10 @@ def clean(records: Iterable[TextRecord]) -> tuple[list[TextRecord], CleaningRepo
         total += 1
         cleaned = _strip(record)
         stripped += cleaned != record
-        if not cleaned.text or cleaned.text_pair == "":
+        if not cleaned.text or cleaned.text_pair == "" or cleaned.target == "":
             empty += 1
             continue
-        key = (cleaned.text, cleaned.text_pair)
+        key = (cleaned.text, cleaned.text_pair, cleaned.target)  # one source may have several targets
         if key in first_label:
             duplicates += 1
             conflicts += first_label[key] != cleaned.label
@@ -56,6 +56,7 @@ def clean(records: Iterable[TextRecord]) -> tuple[list[TextRecord], CleaningRepo
 def _strip(record: TextRecord) -> TextRecord:
     text = record.text.strip()
     pair = record.text_pair.strip() if record.text_pair is not None else None
-    if text == record.text and pair == record.text_pair:
+    target = record.target.strip() if record.target is not None else None
+    if text == record.text and pair == record.text_pair and target == record.target:
         return record  # most records are already clean; skip the (slow) frozen-dataclass copy
-    return dataclasses.replace(record, text=text, text_pair=pair)
+    return dataclasses.replace(record, text=text, text_pair=pair, target=target)

@@ -68,6 +68,18 @@ def collate_padded(features: Sequence[Mapping[str, Any]], pad_id: int,
     return batch
 
 
+def collate_seq2seq(features: Sequence[Mapping[str, Any]], pad_id: int,
+                    pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """Encoder-decoder features {input_ids, labels} → input_ids/attention_mask padded to the longest source
+    and labels (B, T_target) padded with -100 to the longest target: the two widths differ."""
+    if any("labels" not in f for f in features):
+        raise ValueError("sequence-to-sequence features need 'labels' (the target ids)")
+    batch = collate_padded([{"input_ids": f["input_ids"]} for f in features], pad_id, pad_to_multiple_of)
+    targets = [f["labels"] for f in features]
+    batch["labels"] = _pad(targets, _round_up(max(len(t) for t in targets), pad_to_multiple_of), IGNORE_INDEX)
+    return batch
+
+
 def _present(features: Sequence[Mapping[str, Any]], key: str) -> bool:
     count = sum(key in feature for feature in features)
     if 0 < count < len(features):

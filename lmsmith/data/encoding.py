@@ -214,6 +214,31 @@ def encode_tagged(
     return features
 
 
+# ---- sequence to sequence --------------------------------------------------------------------
+
+def encode_seq2seq(records: Sequence[TextRecord], tokenizer: TokenizerLike, max_length: int,
+                   max_target_length: int | None = None) -> list[dict]:
+    """Features {input_ids, labels} for an encoder-decoder model: `input_ids` is the source text with the
+    tokenizer's special tokens (T5: text </s>), `labels` the target's ids followed by eos, each truncated to
+    its own length. The two have different lengths; `collate_seq2seq` pads them separately."""
+    if tokenizer.eos_id is None:
+        raise ValueError("sequence-to-sequence targets end with eos; the tokenizer has no eos token")
+    wrapping = special_wrapping(tokenizer)
+    source_budget = wrapping.budget(max_length)
+    target_budget = (max_target_length or max_length) - 1
+    if target_budget < 1:
+        raise ValueError(f"max_target_length {max_target_length} leaves no room for a target before eos")
+    features = []
+    for record in records:
+        if not getattr(record, "target", None):
+            raise ValueError(f"record {record.origin or '?'} has no target (text: {record.text[:40]!r}); "
+                             "map a target column, e.g. data.columns: {text: source, target: summary}")
+        source = tokenizer.encode(record.text, add_special_tokens=False)[:source_budget]
+        target = tokenizer.encode(record.target, add_special_tokens=False)[:target_budget]
+        features.append({"input_ids": wrapping.wrap(source), "labels": [*target, tokenizer.eos_id]})
+    return features
+
+
 # ---- chat supervised fine-tuning --------------------------------------------------------------
 
 def encode_chat(

@@ -10,7 +10,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RECORD_FIELDS = ("text", "label", "text_pair")
+RECORD_FIELDS = ("text", "label", "text_pair", "target")
 
 
 class DataError(ValueError):
@@ -39,11 +39,13 @@ def locate(path: str | Path, line: int | None = None, column: int | str | None =
 
 @dataclass(frozen=True)
 class TextRecord:
-    """One example for language modelling or (pair) classification."""
+    """One example for language modelling, (pair) classification or sequence-to-sequence (`target`:
+    the text the decoder must produce from `text`)."""
 
     text: str
     label: Hashable | None = None
     text_pair: str | None = None
+    target: str | None = None
     origin: str = field(default="", compare=False)
     repaired: bool = field(default=False, compare=False)  # undecodable bytes were replaced by U+FFFD
 

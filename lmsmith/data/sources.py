@@ -140,9 +140,9 @@ def read_csv(
     errors: Errors = "strict",
     delimiter: str = ",",
 ) -> list[TextRecord]:
-    """Records from a CSV file with a header row. `columns` maps text/label/text_pair to header names.
+    """Records from a CSV file with a header row. `columns` maps text/label/text_pair/target to header names.
 
-    With `labels`, a label outside that set raises DataError. Blank rows are skipped.
+    With `labels`, a label outside that set raises DataError; an empty target does too. Blank rows are skipped.
     """
     _check_column_map(columns)
     decoded = decode_lines(path, errors)
@@ -153,7 +153,7 @@ def read_csv(
     while (row := _next_row(reader, decoded.path)) is not None:
         first_line, last_line = last_line + 1, reader.line_num  # a quoted field may span lines
         if any(cell.strip() for cell in row):
-            values = _row_values(row, positions, decoded.path, first_line)
+            values = _row_values(row, positions, decoded.path, first_line, columns)
             _check_label(values, columns, labels, decoded.path, first_line)
             records.append(TextRecord(**values, origin=f"{decoded.path}:{first_line}",
                                       repaired=decoded.any_repaired(first_line, last_line)))
@@ -179,14 +179,22 @@ def _header_positions(header: list[str], columns: Mapping[str, str], path: Path)
     return positions
 
 
-def _row_values(row: list[str], positions: dict[str, int], path: Path, line: int) -> dict[str, str]:
+def _row_values(row: list[str], positions: dict[str, int], path: Path, line: int,
+                columns: Mapping[str, str]) -> dict[str, str]:
     values = {}
     for field_name, position in positions.items():
         if position >= len(row):
             raise DataError(f"row has {len(row)} fields, this column is field {position + 1}",
                             path, line, position + 1)
         values[field_name] = row[position].strip() if field_name == "label" else row[position]
+        _check_target(field_name, values[field_name], path, line, columns[field_name])
     return values
+
+
+def _check_target(field_name: str, value: str, path: Path, line: int, column: str | int) -> None:
+    """A sequence-to-sequence target must say something: an empty one would teach the model to stop at once."""
+    if field_name == "target" and not value.strip():
+        raise DataError("empty target", path, line, column)
 
 
 def _check_label(values: dict, columns: Mapping[str, str], labels, path: Path, line: int) -> None:
@@ -236,6 +244,7 @@ def _json_values(obj: dict, columns: Mapping[str, str], path: Path, number: int)
         if not isinstance(value, allowed):
             raise DataError(f"expected {' or '.join(t.__name__ for t in allowed)}, got {type(value).__name__}",
                             path, number, key)
+        _check_target(field_name, value, path, number, key)
         values[field_name] = value
     return values
 

@@ -43,7 +43,7 @@ from .state import seed_everything
 
 log = logging.getLogger(__name__)
 PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "chat-sft": "CAUSAL_LM", "sequence-classification": "SEQ_CLS",
-                   "token-classification": "TOKEN_CLS", "masked-lm": None}
+                   "token-classification": "TOKEN_CLS", "masked-lm": None, "seq2seq-lm": "SEQ_2_SEQ_LM"}
 LINEAR_METHODS = ("lora", "dora", "ia3", "adalora")
 
 

@@ -87,11 +87,23 @@ def read_records(section: DataSection, objective: str) -> list:
     if fmt == "text":
         records = D.read_text(path, unit=section.text_unit, pattern=section.pattern)
     else:
-        columns = dict(section.columns) or {"text": "text", **({"label": "label"} if objective in CLASSIFICATION
-                                                               else {})}
+        columns = dict(section.columns) or default_columns(objective)
+        if objective == "seq2seq-lm" and "target" not in columns:
+            raise ValueError(f"objective 'seq2seq-lm' needs a target column: data.columns={columns} has no "
+                             "'target' (e.g. data.columns: {text: source, target: summary})")
         reader = D.read_csv if fmt == "csv" else D.read_jsonl
         records = reader(path, columns)
     return D.clean(records)[0]
+
+
+def default_columns(objective: str) -> dict[str, str]:
+    """Record field → column when the recipe names none: text (+ label for classification, + target
+    for sequence-to-sequence)."""
+    if objective in CLASSIFICATION:
+        return {"text": "text", "label": "label"}
+    if objective == "seq2seq-lm":
+        return {"text": "text", "target": "target"}
+    return {"text": "text"}
 
 
 def read_chat_jsonl(path: Path) -> list[dict]:
@@ -115,13 +127,14 @@ def infer_labels(records: Sequence, objective: str) -> tuple[str, ...]:
 
 
 def texts_of(records: Sequence) -> list[str]:
-    """The plain text of text records, tagged sentences and chat examples (to train tokenizers on)."""
+    """The plain text of text records (with their seq2seq targets), tagged sentences and chat examples
+    (to train tokenizers on)."""
     return [text_of(r) for r in records]
 
 
 def text_of(record) -> str:
     if hasattr(record, "text"):
-        return record.text
+        return record.text if getattr(record, "target", None) is None else f"{record.text}\n{record.target}"
     if hasattr(record, "tokens"):
         return " ".join(record.tokens)
     return " ".join(m["content"] for m in record["messages"])
@@ -130,11 +143,14 @@ def text_of(record) -> str:
 # --- tokenizer ------------------------------------------------------------------------------------------
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int, kind: str) -> Tokenizer:
-    """A new byte-level BPE (GPT-2 style, <|endoftext|> as bos/eos/pad) or lowercase WordPiece (BERT
-    style, [CLS] text [SEP]) tokenizer trained on `texts`. Deterministic for the same texts."""
+    """A new byte-level BPE (GPT-2 style, <|endoftext|> as bos/eos/pad), lowercase WordPiece (BERT
+    style, [CLS] text [SEP]) or T5-style tokenizer (see `train_t5_tokenizer`) trained on `texts`.
+    Deterministic for the same texts."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+    if kind == "t5":
+        return train_t5_tokenizer(texts, vocab_size)
     if kind == "wordpiece":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         backend = Backend(models.WordPiece(unk_token="[UNK]"))
@@ -158,6 +174,33 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, kind: str) -> Tokeniz
     return Tokenizer(backend, SpecialTokens(bos=eos, eos=eos, pad=eos))
 
 
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5's vocabulary (and the tiny-t5 preset)
+
+
+def train_t5_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE with T5's special tokens: <pad>=0 (also the decoder start), </s>=1 (appended to
+    every encoded text, as T5's tokenizer does), <unk>=2. Byte-level, so no text is unknown."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(T5_SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", 1)])
+    return Tokenizer(backend, SpecialTokens(pad="<pad>", eos="</s>", unk="<unk>"))
+
+
+def tokenizer_kind(section: TokenizerSection, objective: str) -> str:
+    """auto: WordPiece for masked-LM, T5-style for seq2seq-LM, byte-level BPE otherwise."""
+    if section.kind != "auto":
+        return section.kind
+    return {"masked-lm": "wordpiece", "seq2seq-lm": "t5"}.get(objective, "bpe")
+
+
 def load_tokenizer(source: str) -> Tokenizer:
     from ..api import resolve
 
@@ -174,8 +217,7 @@ def build_tokenizer(cfg: RunConfig, model_tokenizer: Tokenizer | None, train_tex
     if cfg.model.preset is None and section.train_vocab_size is None:
         raise ValueError(f"model {cfg.model.source!r} has no tokenizer; set tokenizer.source")
     vocab = section.train_vocab_size or _preset(cfg.model).vocab_size
-    kind = section.kind if section.kind != "auto" else ("wordpiece" if cfg.objective == "masked-lm" else "bpe")
-    return train_tokenizer(train_texts, vocab, kind)
+    return train_tokenizer(train_texts, vocab, tokenizer_kind(section, cfg.objective))
 
 
 # --- model ------------------------------------------------------------------------------------------------
@@ -188,9 +230,17 @@ def _preset(section: ModelSection) -> ModelConfig:
 
 def scratch_config(section: ModelSection, tokenizer: Tokenizer, task: str, labels: tuple[str, ...]) -> ModelConfig:
     """The preset resized to the tokenizer's vocabulary, with the recipe's overrides."""
-    changes = {"vocab_size": tokenizer.vocab_size, "task": task, "labels": labels,
+    preset = _preset(section)
+    changes = {"vocab_size": tokenizer.vocab_size, "task": task, "labels": head_labels(task, labels),
                "pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-    return _preset(section).replace(**{**changes, **dict(section.config)})
+    if preset.encoder_decoder:  # T5 starts decoding from its pad token
+        changes["decoder_start_token_id"] = pad_id_of(tokenizer)
+    return preset.replace(**{**changes, **dict(section.config)})
+
+
+def head_labels(task: str, labels: tuple[str, ...]) -> tuple[str, ...]:
+    """The class names a model of `task` keeps: a data set's labels mean nothing to a language model's head."""
+    return labels if task in CLASSIFICATION else ()
 
 
 def load_pretrained(source: str, task: str, labels: tuple[str, ...], dtype) -> tuple[Transformer, Tokenizer | None]:
@@ -270,7 +320,7 @@ def build_model(cfg: RunConfig, labels: tuple[str, ...]) -> tuple[Transformer | 
     if cfg.model.source is None:
         return None, None
     task = MODEL_TASKS[cfg.objective]
-    model, tokenizer = load_pretrained(cfg.model.source, task, labels, parse_dtype(cfg.model.dtype))
+    model, tokenizer = load_pretrained(cfg.model.source, task, head_labels(task, labels), parse_dtype(cfg.model.dtype))
     model = with_config_overrides(model, dict(cfg.model.config))
     if cfg.model.quantize:
         quantize_base(model, cfg.model.quantize, cfg.model.quantize_group_size)
@@ -316,6 +366,8 @@ def encode_split(records: Sequence, objective: str, tokenizer: Tokenizer, sectio
         return D.FeatureDataset(D.encode_classification(named, tokenizer, labels, section.max_length))
     if objective == "token-classification":
         return D.FeatureDataset(D.encode_tagged(records, tokenizer, labels, section.max_length))
+    if objective == "seq2seq-lm":
+        return D.FeatureDataset(D.encode_seq2seq(records, tokenizer, section.max_length, section.max_target_length))
     return D.FeatureDataset([D.encode_chat(r["messages"], tokenizer, section.max_length) for r in records])
 
 
@@ -324,6 +376,8 @@ def collate_for(objective: str, tokenizer: Tokenizer, section: DataSection, seed
         return D.MLMCollator.from_tokenizer(tokenizer, section.mlm_probability, seed)
     if objective == "causal-lm":
         return collate_blocks
+    if objective == "seq2seq-lm":
+        return partial(D.collate_seq2seq, pad_id=pad_id_of(tokenizer))
     return partial(D.collate_padded, pad_id=pad_id_of(tokenizer))
 
 

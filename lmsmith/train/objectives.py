@@ -7,7 +7,8 @@ exactly as one big batch would be weighted. `evaluate(model, batches)` returns t
 metrics (loss plus accuracy / macro-F1 / per-class precision and recall, or perplexity).
 
 Labels follow the data package's convention: aligned with input_ids, -100 = no loss. Causal-LM
-losses shift by one (position i predicts token i+1).
+losses shift by one (position i predicts token i+1). Sequence-to-sequence labels are the target ids
+(their own length); the decoder reads them shifted right behind decoder_start_token_id.
 """
 from __future__ import annotations
 
@@ -87,18 +88,22 @@ class LanguageModeling:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
-        total_nll, count, correct = 0.0, 0, 0
-        for batch in batches:
-            logits, labels = self.targets(forward(model, batch).logits, batch["labels"])
-            total_nll += float(token_cross_entropy(logits, labels, reduction="sum"))
-            keep = labels != IGNORE_INDEX
-            count += int(keep.sum())
-            correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
-        if count == 0:
-            raise ValueError("the validation batches have no target tokens (all labels are -100)")
-        mean = total_nll / count
-        return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "token_accuracy": correct / count,
-                "tokens": float(count)}
+        return token_scores(self.targets(forward(model, b).logits, b["labels"]) for b in batches)
+
+
+def token_scores(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Loss, perplexity and token accuracy over (logits, labels) pairs, ignoring -100 labels."""
+    total_nll, count, correct = 0.0, 0, 0
+    for logits, labels in pairs:
+        total_nll += float(token_cross_entropy(logits, labels, reduction="sum"))
+        keep = labels != IGNORE_INDEX
+        count += int(keep.sum())
+        correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
+    if count == 0:
+        raise ValueError("the validation batches have no target tokens (all labels are -100)")
+    mean = total_nll / count
+    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "token_accuracy": correct / count,
+            "tokens": float(count)}
 
 
 def causal_lm() -> LanguageModeling:
@@ -112,6 +117,111 @@ def masked_lm() -> LanguageModeling:
 def chat_sft() -> LanguageModeling:
     """Chat SFT is causal LM over `encode_chat` features, whose labels cover assistant tokens only."""
     return LanguageModeling(causal=True, name="chat-sft")
+
+
+# --- sequence to sequence -------------------------------------------------------------------------------
+
+def shift_right(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Teacher forcing for an encoder-decoder model (transformers' `_shift_right`): the decoder reads
+    [start, y0, …, y_{n-2}] and predicts [y0, …, y_{n-1}]; -100 padding becomes pad_token_id."""
+    decoder_input_ids = labels.new_full(labels.shape, decoder_start_token_id)
+    decoder_input_ids[:, 1:] = labels[:, :-1]
+    return decoder_input_ids.masked_fill(decoder_input_ids == IGNORE_INDEX, pad_token_id)
+
+
+def decoder_ids(config) -> tuple[int, int]:
+    """(decoder_start_token_id, pad_token_id) of an encoder-decoder config; T5 starts with its pad token."""
+    if not getattr(config, "encoder_decoder", False):
+        raise ValueError(f"objective 'seq2seq-lm' needs an encoder-decoder model (T5); this is a {config.family} "
+                         f"{config.task} model")
+    start = config.decoder_start_token_id
+    pad = config.pad_token_id if config.pad_token_id is not None else start
+    if start is None or pad is None:
+        raise ValueError("the model config has no decoder_start_token_id (and no pad_token_id): set "
+                         "model.config.decoder_start_token_id")
+    return start, pad
+
+
+def seq2seq_forward(model: nn.Module, batch: Batch):
+    """Encoder reads input_ids/attention_mask; the decoder reads the labels shifted right."""
+    start, pad = decoder_ids(unwrap(model).config)
+    return forward(model, batch, decoder_input_ids=shift_right(batch["labels"], start, pad))
+
+
+@torch.no_grad()
+def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  max_new_tokens: int) -> torch.Tensor:
+    """Greedy generations (B, ≤ max_new_tokens) of an encoder-decoder model, pad after a row's eos.
+    The encoder runs once; the decoder re-reads its prefix each step (targets here are short)."""
+    model = unwrap(model)
+    start, pad = decoder_ids(model.config)
+    eos = model.config.eos_token_id
+    memory = model.encode(input_ids, attention_mask).hidden_states
+    decoded = input_ids.new_full((input_ids.shape[0], 1), start)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        logits = model(attention_mask=attention_mask, decoder_input_ids=decoded, encoder_hidden_states=memory,
+                       logits_to_keep=1).logits[:, -1]
+        token = logits.argmax(-1).masked_fill(done, pad)
+        decoded = torch.cat((decoded, token[:, None]), dim=1)
+        done |= token == eos
+        if bool(done.all()):
+            break
+    return decoded[:, 1:]
+
+
+def until_eos(ids: Sequence[int], eos_id: int | None) -> list[int]:
+    """The tokens before the first eos (all of them when there is none)."""
+    ids = list(ids)
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
+def exact_matches(predicted: torch.Tensor, labels: torch.Tensor, eos_id: int | None) -> int:
+    """Rows whose generation (up to eos) equals the target (the non-ignored labels, up to eos)."""
+    return sum(until_eos(p, eos_id) == until_eos([t for t in row if t != IGNORE_INDEX], eos_id)
+               for p, row in zip(predicted.tolist(), labels.tolist()))
+
+
+@dataclass(frozen=True)
+class Seq2SeqLM:
+    """Encoder-decoder LM (T5): mean cross-entropy of the decoder over the non-ignored target tokens.
+
+    Validation adds perplexity, token accuracy and, when every target is at most `exact_match_max_tokens`
+    long (labels, closing eos included), the exact-match rate of greedy generations.
+    """
+
+    exact_match_max_tokens: int = 16
+    name: str = "seq2seq-lm"
+
+    def num_targets(self, batch: Batch) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = token_cross_entropy(seq2seq_forward(model, batch).logits, batch["labels"])
+        return loss, {"loss": float(loss.detach())}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        batches = list(batches)
+        scores = token_scores((seq2seq_forward(model, b).logits, b["labels"]) for b in batches)
+        return {**scores, **self.exact_match(model, batches)}
+
+    def exact_match(self, model: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
+        """{"exact_match": fraction} when the targets are short enough to generate; {} otherwise."""
+        longest = max(int((b["labels"] != IGNORE_INDEX).sum(-1).max()) for b in batches)
+        if longest > self.exact_match_max_tokens:
+            return {}
+        eos = unwrap(model).config.eos_token_id
+        matched = rows = 0
+        for batch in batches:
+            predicted = greedy_decode(model, batch["input_ids"], batch.get("attention_mask"), longest)
+            matched += exact_matches(predicted, batch["labels"], eos)
+            rows += batch["labels"].shape[0]
+        return {"exact_match": matched / rows}
+
+
+def seq2seq_lm() -> Seq2SeqLM:
+    return Seq2SeqLM()
 
 
 # --- classification -------------------------------------------------------------------------------------
@@ -282,8 +392,9 @@ def objective_for(task: str, labels: Sequence[str] = ()) -> Objective:
 OBJECTIVES = {
     "causal-lm": causal_lm, "masked-lm": masked_lm, "chat-sft": chat_sft,
     "sequence-classification": sequence_classification, "token-classification": token_classification,
+    "seq2seq-lm": seq2seq_lm,
 }
 # The model head each objective trains.
 MODEL_TASKS = {"causal-lm": "causal-lm", "chat-sft": "causal-lm", "masked-lm": "masked-lm",
                "sequence-classification": "sequence-classification",
-               "token-classification": "token-classification"}
+               "token-classification": "token-classification", "seq2seq-lm": "seq2seq-lm"}

@@ -30,7 +30,7 @@ from .peft import AdaLoraConfig, BottleneckConfig, IA3Config, LoraConfig, PeftCo
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DATA_FORMATS = ("auto", "text", "csv", "jsonl", "conll")
-TOKENIZER_KINDS = ("auto", "bpe", "wordpiece")
+TOKENIZER_KINDS = ("auto", "bpe", "wordpiece", "t5")
 PEFT_METHODS: dict[str, type] = {"lora": LoraConfig, "dora": LoraConfig, "ia3": IA3Config,
                                  "adapter": BottleneckConfig, "prefix": PrefixConfig, "adalora": AdaLoraConfig}
 
@@ -65,7 +65,7 @@ class ModelSection:
 class TokenizerSection:
     source: str | None = None  # default: the model's own tokenizer
     train_vocab_size: int | None = None  # train a new tokenizer on the training texts (scratch runs)
-    kind: str = "auto"  # for training: bpe (byte-level) or wordpiece; auto = wordpiece for masked-lm
+    kind: str = "auto"  # for training: bpe (byte-level), wordpiece or t5; auto = wordpiece for masked-lm, t5 for seq2seq-lm
 
     def __post_init__(self) -> None:
         if self.kind not in TOKENIZER_KINDS:
@@ -83,7 +83,8 @@ class DataSection:
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 0
     stratify: bool = True
-    max_length: int = 128
+    max_length: int = 128  # tokens per example (seq2seq-lm: per source text)
+    max_target_length: int | None = None  # seq2seq-lm: target tokens, eos included (None: max_length)
     labels: tuple[str, ...] = ()  # class names; default: the data set's
     mlm_probability: float = 0.15
     # perturbed copies of the TRAIN split, e.g. {perturbations: [typos], copies: 1, probability: 0.5}
@@ -94,6 +95,8 @@ class DataSection:
             raise ValueError(f"data.format={self.format!r} is not one of {DATA_FORMATS}")
         if self.max_length < 2:
             raise ValueError(f"data.max_length must be >= 2, got {self.max_length}")
+        if self.max_target_length is not None and self.max_target_length < 2:
+            raise ValueError(f"data.max_target_length must be >= 2 (a token and eos) or null, got {self.max_target_length}")
 
 
 @dataclass(frozen=True)
