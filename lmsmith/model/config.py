@@ -85,6 +85,8 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     classifier_dropout: float = 0.0
+    mlp_dropout: float = 0.0  # inside the MLP, after the activation (T5's DenseReluDense)
+    final_dropout: float = 0.0  # after an encoder/decoder stack's final norm (T5)
     # tokens
     pad_token_id: int | None = None
     bos_token_id: int | None = None

@@ -430,6 +430,7 @@ def _t5_from_hf(d: dict) -> dict:
         "norm_eps": d.get("layer_norm_epsilon", 1e-6), "activation": _activation(act),
         "gated_mlp": proj.startswith("gated-"), "encoder_decoder": True, "tie_word_embeddings": scaled,
         "scale_lm_head_input": scaled, "hidden_dropout": dropout, "attention_dropout": dropout,
+        "mlp_dropout": dropout, "final_dropout": dropout,
         "pad_token_id": d.get("pad_token_id", 0), "eos_token_id": _tokens({"eos_token_id": eos})["eos_token_id"],
         "decoder_start_token_id": d.get("decoder_start_token_id", d.get("pad_token_id", 0)),
     }

@@ -34,11 +34,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
         self.act = ACTIVATION_FNS[config.activation]
+        # None rather than Dropout(0): decoding calls the MLP ~30 times per token
+        self.dropout = nn.Dropout(config.mlp_dropout) if config.mlp_dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is not None:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.act(self.up_proj(x)))
+            h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = self.act(self.up_proj(x))
+        return self.down_proj(h if self.dropout is None else self.dropout(h))
 
 
 def embedding(num: int, dim: int) -> nn.Embedding:

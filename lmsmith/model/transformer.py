@@ -106,6 +106,7 @@ class Stack(nn.Module):
         self.causal = causal
         self.layers = nn.ModuleList(Block(config, i, cross_attention) for i in range(num_layers))
         self.norm = make_norm(config) if config.final_norm else None
+        self.dropout = nn.Dropout(config.final_dropout) if config.final_dropout > 0 else None
 
     def forward(self, x: torch.Tensor, inp: AttentionInputs, cross: AttentionInputs | None = None,
                 checkpointing: bool = False):
@@ -113,6 +114,8 @@ class Stack(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
             hidden[-1] = x
+        if self.dropout is not None:
+            x = self.dropout(x)
         return x, hidden, weights, cross_weights
 
 

@@ -282,3 +282,29 @@ def test_bfloat16_decoding_is_close_to_fp32():
         steps += [model(decoder_input_ids=dec[:, t:t + 1], cache=cache).logits for t in range(3, 6)]
     low = torch.cat(steps, dim=1).float()
     assert (low - ref).norm() < 0.05 * ref.norm()
+
+
+def test_t5_dropout_rate_reaches_the_mlp_and_the_stack_outputs():
+    from lmsmith.model.families import config_from_hf
+
+    hf = {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "vocab_size": 64, "d_model": 16,
+          "d_kv": 4, "d_ff": 32, "num_layers": 1, "num_heads": 4, "dropout_rate": 0.2,
+          "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}
+    c = config_from_hf(hf, task="seq2seq-lm")
+    assert (c.hidden_dropout, c.attention_dropout, c.mlp_dropout, c.final_dropout) == (0.2, 0.2, 0.2, 0.2)
+
+
+def test_mlp_and_final_dropout_act_in_training_only():
+    torch.manual_seed(0)
+    plain = Transformer(PRESETS["tiny-t5"]).eval()
+    noisy = Transformer(PRESETS["tiny-t5"].replace(mlp_dropout=0.5, final_dropout=0.5))
+    noisy.load_state_dict(plain.state_dict())  # dropout adds no weights: same keys
+    inputs = {"input_ids": torch.randint(3, 64, (2, 7)), "decoder_input_ids": torch.randint(3, 64, (2, 5))}
+    with torch.no_grad():
+        torch.testing.assert_close(noisy.eval()(**inputs).logits, plain(**inputs).logits)
+        noisy.train()
+        first, second = noisy(**inputs).logits, noisy(**inputs).logits
+    assert not torch.allclose(first, second)
+    assert not torch.allclose(first, plain(**inputs).logits)
+    decoder_only = Transformer(PRESETS["tiny-llama"])
+    assert all(block.mlp.dropout is None for block in decoder_only.layers)  # nothing added to the decode path
