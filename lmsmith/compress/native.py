@@ -121,14 +121,20 @@ def unsupported_reason() -> str:
 # --------------------------------------------------------------------------------------------------
 # Build and load
 # --------------------------------------------------------------------------------------------------
-def loaded_openmp_runtime(maps: str = "/proc/self/maps") -> Path | None:
-    """The libgomp file this process has mapped (torch's), or None."""
+def loaded_openmp_runtime(maps: str = "/proc/self/maps", owner: Path | None = None) -> Path | None:
+    """The libgomp file torch uses among those this process has mapped, or None.
+
+    Other wheels bundle their own copy (scikit-learn's libgomp-<hash>.so.1): torch's is the one inside
+    torch's install folder (`owner`), else — torch linking the system runtime — any other one.
+    """
     try:
         with open(maps) as f:
-            paths = {line.split()[-1] for line in f if "/libgomp" in line}
+            paths = {Path(line.split()[-1]) for line in f if "/libgomp" in line}
     except OSError:
         return None
-    return Path(min(paths)) if paths else None
+    owner = owner or Path(torch.__file__).parent
+    torch_own = sorted(p for p in paths if p.is_relative_to(owner))
+    return (torch_own or sorted(paths) or [None])[0]
 
 
 def link_flags(runtime: Path | None) -> tuple[str, ...]:

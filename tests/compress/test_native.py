@@ -1,6 +1,8 @@
 """The native AVX2 int8 kernel: exact-enough results on any shape, its build cache, its fallbacks."""
+import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,10 +86,25 @@ def test_native_uses_torch_thread_count_by_default_and_handles_zero_rows(needs_n
 
 
 def test_process_keeps_one_openmp_runtime(needs_native):
-    native.int8_linear(torch.randn(4, 64), *random_int8_weight(64, 64), threads=2)
-    with open("/proc/self/maps") as maps:
-        loaded = {line.split()[-1] for line in maps if "libgomp" in line}
+    # In a fresh interpreter: a test that imports scikit-learn maps its own libgomp into this one,
+    # which says nothing about the kernel (the kernel linking that copy was a bug: see
+    # test_links_torch_s_openmp_runtime_when_another_package_loaded_its_own).
+    code = ("import json, torch\n"
+            "from lmsmith.compress import native\n"
+            "q = torch.randint(-127, 128, (64, 64), dtype=torch.int8)\n"
+            "native.int8_linear(torch.randn(4, 64), q, torch.rand(64) + 0.01, threads=2)\n"
+            "maps = open('/proc/self/maps').read().splitlines()\n"
+            "print(json.dumps(sorted({line.split()[-1] for line in maps if 'libgomp' in line})))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(loaded) == 1, loaded
+
+
+def test_the_kernel_uses_torch_s_runtime_even_after_another_was_loaded(needs_native):
+    sklearn = pytest.importorskip("sklearn.metrics")  # maps scikit-learn's own libgomp into this process
+    assert sklearn is not None
+    torch_dir = Path(torch.__file__).parent
+    assert native.loaded_openmp_runtime().is_relative_to(torch_dir)
 
 
 def test_links_against_the_openmp_runtime_already_loaded(tmp_path):
@@ -98,6 +115,19 @@ def test_links_against_the_openmp_runtime_already_loaded(tmp_path):
     assert runtime == Path("/venv/torch/lib/libgomp-a34b3233.so.1")
     assert native.link_flags(runtime) == ("-Wl,--as-needed", str(runtime), "-Wl,-rpath,/venv/torch/lib")
     assert native.loaded_openmp_runtime(str(tmp_path / "none")) is None and native.link_flags(None) == ()
+
+
+def test_links_torch_s_openmp_runtime_when_another_package_loaded_its_own(tmp_path):
+    # scikit-learn's bundled copy sorts first by name; linking it made the kernel run a second runtime
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 1 /venv/scikit_learn.libs/libgomp-e985bcbb.so.1.0.0\n"
+                    "7f02-7f03 r-xp 00000000 08:01 2 /venv/torch/lib/libgomp.so.1\n")
+    assert native.loaded_openmp_runtime(str(maps), owner=Path("/venv/torch")) == Path("/venv/torch/lib/libgomp.so.1")
+    # torch on the system runtime: nothing under torch's folder, the mapped one is used
+    system = tmp_path / "system-maps"
+    system.write_text("7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libgomp.so.1\n")
+    assert native.loaded_openmp_runtime(str(system), owner=Path("/venv/torch")) == Path(
+        "/usr/lib/x86_64-linux-gnu/libgomp.so.1")
 
 
 @pytest.mark.parametrize(
