@@ -189,16 +189,22 @@ def accumulate_linear_inputs(
     names: Sequence[str],
     calibration: Iterable[Any],
     reduce: Callable[[torch.Tensor], torch.Tensor],
+    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.add,
 ) -> dict[str, tuple[torch.Tensor, int]]:
-    """Run `calibration` through `model` (eval mode) and sum ``reduce(x)`` over the (rows, in_features)
-    inputs of each named Linear. Returns ``{name: (sum, number_of_rows)}``."""
+    """Run `calibration` through `model` (eval mode) and combine ``reduce(x)`` (by default: sum it)
+    over the (rows, in_features) inputs of each named Linear. Returns ``{name: (total, number_of_rows)}``."""
     sums: dict[str, tuple[torch.Tensor, int]] = {}
 
     def hook_for(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            total, rows = sums.get(name, (0, 0))
-            sums[name] = (total + reduce(x), rows + x.shape[0])
+            value = reduce(x)
+            if name in sums:
+                total, rows = sums[name]
+                value, rows = combine(total, value), rows + x.shape[0]
+            else:
+                rows = x.shape[0]
+            sums[name] = (value, rows)
 
         return hook
 

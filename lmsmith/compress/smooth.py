@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .quantize import run_calibration
+from .quantize import accumulate_linear_inputs
 
 _FLOOR = 1e-5  # no channel is scaled from (or to) zero: an all-zero column keeps scale 1
 
@@ -79,24 +79,10 @@ def smooth_groups(model: nn.Module) -> list[SmoothGroup]:
     return groups
 
 
-@torch.no_grad()
 def input_absmax(model: nn.Module, names: Sequence[str], calibration: Iterable[Any]) -> dict[str, torch.Tensor]:
     """Per input channel max |x| of each named Linear over the calibration batches."""
-    found: dict[str, torch.Tensor] = {}
-
-    def hook_for(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
-            found[name] = torch.maximum(found[name], x) if name in found else x
-        return hook
-
-    modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
-    run_calibration(model, calibration, handles)
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise ValueError(f"calibration never reached {missing[:3]}: is the calibration data empty?")
-    return found
+    found = accumulate_linear_inputs(model, names, calibration, lambda x: x.abs().amax(0), torch.maximum)
+    return {name: absmax for name, (absmax, _) in found.items()}
 
 
 @torch.no_grad()

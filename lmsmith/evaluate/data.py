@@ -113,26 +113,33 @@ def _dataset_split(name: str, split: str, manifest) -> EvalRecords:
 
 def split_options(name: str, manifest: Mapping[str, Any] | None) -> dict[str, Any]:
     """The split options the model's fine-tuning used for dataset `name`, else the recipe defaults."""
-    for data in reversed(_recipe_data_sections(manifest)):
+    return trained_split_options(name, manifest) or dict(DEFAULT_SPLIT)
+
+
+def trained_split_options(name: str, manifest: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The split options of the latest fine-tuning recipe in `manifest` that used dataset `name`; None
+    if none did."""
+    for data in reversed(recipe_data_sections(manifest)):
         if data.get("source") == name:
             sizes = data.get("sizes")
             return {"ratios": tuple(data.get("ratios") or DEFAULT_SPLIT["ratios"]),
                     "sizes": dict(sizes) if sizes else None, "seed": int(data.get("seed", 0)),
                     "stratify": bool(data.get("stratify", True))}
-    return dict(DEFAULT_SPLIT)
+    return None
 
 
 def trained_dataset(manifest: Mapping[str, Any] | None) -> str | None:
     """The registered dataset the model was last fine-tuned on, per its manifest; None if unknown."""
-    for data in reversed(_recipe_data_sections(manifest)):
+    for data in reversed(recipe_data_sections(manifest)):
         if data.get("source") in D.dataset_names():
             return data["source"]
     return None
 
 
-def _recipe_data_sections(manifest: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
+def recipe_data_sections(manifest: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
+    """The `data` sections of the recipes in a manifest's history, oldest first."""
     history = (manifest or {}).get("history") or []
-    sections = [step.get("recipe", {}).get("data") for step in history if isinstance(step, Mapping)]
+    sections = [(step.get("recipe") or {}).get("data") for step in history if isinstance(step, Mapping)]
     return [s for s in sections if isinstance(s, Mapping)]
 
 

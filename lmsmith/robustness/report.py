@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..evaluate.data import recipe_data_sections, trained_split_options
 from .attacks import ATTACKS, AttackReport, attack, attack_markdown
 from .classify import check_classifier
 from .perturbations import resolve_perturbations
@@ -40,13 +41,8 @@ class RobustnessResult:
 
 
 def training_data_options(model, source: str) -> dict:
-    """The split options of the recipe the model was fine-tuned with, when it used `source`."""
-    for entry in reversed((getattr(model, "manifest", None) or {}).get("history", [])):
-        data = (entry.get("recipe") or {}).get("data") or {}
-        if data.get("source") == source:
-            return {"sizes": data.get("sizes"), "ratios": tuple(data.get("ratios") or (0.8, 0.1, 0.1)),
-                    "seed": data.get("seed", 0), "stratify": data.get("stratify", True)}
-    return {}
+    """The split options of the recipe the model was fine-tuned with, when it used `source`; {} if none."""
+    return trained_split_options(source, getattr(model, "manifest", None)) or {}
 
 
 def load_eval_data(source: str, split: str = "test", limit: int | None = None, model=None) -> EvalData:
@@ -104,10 +100,9 @@ def robustness_report(model_path: str, *, data: str = "tweets-sentiment", split:
 
 
 def _trained_max_length(model) -> int | None:
-    for entry in reversed((getattr(model, "manifest", None) or {}).get("history", [])):
-        length = ((entry.get("recipe") or {}).get("data") or {}).get("max_length")
-        if length:
-            return int(length)
+    for data in reversed(recipe_data_sections(getattr(model, "manifest", None))):
+        if data.get("max_length"):
+            return int(data["max_length"])
     return None
 
 

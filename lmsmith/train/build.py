@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import data as D
+from ..evaluate.batches import pad_id_of
 from ..model.config import PRESETS, ModelConfig
 from ..model.transformer import Transformer
 from ..tokenizer import SpecialTokens, Tokenizer
@@ -343,13 +344,6 @@ def quantize_base(model: Transformer, method: str, group_size: int) -> None:
 
 
 # --- features and batches -----------------------------------------------------------------------------
-
-def pad_id_of(tokenizer: Tokenizer) -> int:
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
-    return pad
-
 
 def encode_split(records: Sequence, objective: str, tokenizer: Tokenizer, section: DataSection,
                  labels: tuple[str, ...]):

@@ -60,21 +60,7 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lmsmith.train.cli_verbs")
-    sub = parser.add_subparsers(dest="verb", required=True)
-    for name, (help_text, setup, run) in VERBS.items():
-        p = sub.add_parser(name, help=help_text)
-        setup(p)
-        p.set_defaults(run=run)
-    args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"lmsmith {args.verb}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+if __name__ == "__main__":  # the same verbs as `lmsmith pretrain|finetune`, through the one CLI
+    from lmsmith.cli import main
 
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -106,7 +106,7 @@ def test_bad_models_and_data_are_refused_with_the_reason():
     quantize_model(quantized, "int8")
     with pytest.raises(ValueError, match="smooth before quantizing"):
         smooth_model(quantized, calibration())
-    with pytest.raises(ValueError, match="calibration never reached"):
+    with pytest.raises(ValueError, match="calibration data never reached"):
         smooth_model(tiny(), [])
     with pytest.raises(ValueError, match="lmsmith Transformer"):
         smooth_model(torch.nn.Linear(2, 2), calibration())

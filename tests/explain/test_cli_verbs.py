@@ -1,23 +1,13 @@
 """`lmsmith explain` through the verb table: files written, a readable summary, errors for bad input."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
+from lmsmith.cli import build_parser
 from lmsmith.explain.cli_verbs import VERBS
 from lmsmith.io.artifact import save_artifact
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmsmith")
-    sub = parser.add_subparsers(dest="verb", required=True)
-    for name, (help_text, setup, run) in VERBS.items():
-        p = sub.add_parser(name, help=help_text)
-        setup(p)
-        p.set_defaults(run=run)
-    return parser
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +16,7 @@ def classifier_folder(classifier, wp_tokenizer, tmp_path_factory):
 
 
 def _run(argv: list[str]) -> None:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.run(args)
 
 

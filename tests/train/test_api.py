@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from lmsmith.api import load
+from lmsmith.cli import main
 from lmsmith.train import cli_verbs
 from lmsmith.train.api import finetune, pretrain
 from lmsmith.train.peft import load_adapter
@@ -184,12 +185,12 @@ def test_cli_verbs(tmp_path, corpus, capsys):
     assert set(cli_verbs.VERBS) == {"pretrain", "finetune"}
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "run", corpus, max_steps=2)))
-    assert cli_verbs.main(["pretrain", str(recipe), "train.lr=1e-3", "--print-config"]) == 0
+    assert main(["pretrain", str(recipe), "train.lr=1e-3", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["lr"] == 1e-3 and printed["output"]["dir"] == str(tmp_path / "run")
-    assert cli_verbs.main(["pretrain", str(recipe), "train.lrr=1"]) == 2
+    assert main(["pretrain", str(recipe), "train.lrr=1"]) == 2
     assert "unknown recipe key 'train.lrr'" in capsys.readouterr().err
-    assert cli_verbs.main(["pretrain", str(recipe)]) == 0
+    assert main(["pretrain", str(recipe)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == 2 and out["model"].endswith("model")
     assert to_dict(load_recipe(str(recipe)))["train"]["max_steps"] == 2
